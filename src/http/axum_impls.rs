@@ -1,0 +1,60 @@
+//! `IntoResponse` for the rejection types (feature `axum`), for handlers and
+//! `HandleErrorLayer` functions that return them.
+
+use axum_core::response::{IntoResponse, Response};
+use http::{header, HeaderValue};
+
+use super::{Rejection, REJECTED_HEADER};
+use crate::error::{QueueFull, QueueTimeout};
+
+fn refused(reason: &'static str) -> Response {
+    let rejection = Rejection::Refused(reason);
+    (
+        rejection.status(),
+        [
+            (header::RETRY_AFTER, HeaderValue::from_static("1")),
+            (REJECTED_HEADER, HeaderValue::from_static(reason)),
+        ],
+    )
+        .into_response()
+}
+
+impl IntoResponse for QueueFull {
+    fn into_response(self) -> Response {
+        refused("queue_full")
+    }
+}
+
+impl IntoResponse for QueueTimeout {
+    fn into_response(self) -> Response {
+        refused("queue_timeout")
+    }
+}
+
+/// Maps any error the way [`ErrorResponseLayer`](super::ErrorResponseLayer)
+/// does, for use in an axum `HandleErrorLayer` (tower's `Overloaded` is not
+/// ours, so it cannot implement `IntoResponse` itself):
+///
+/// ```
+/// use axum::error_handling::HandleErrorLayer;
+/// use tower::ServiceBuilder;
+/// use tower_scale::{http::into_response, shed::LoadShedLayer};
+///
+/// let layer = ServiceBuilder::new()
+///     .layer(HandleErrorLayer::new(|err: tower::BoxError| async move { into_response(err) }))
+///     .layer(LoadShedLayer::new());
+/// # let _ = layer;
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub fn into_response(err: crate::BoxError) -> Response {
+    match Rejection::of(err.as_ref()) {
+        Rejection::Refused(reason) => refused(reason),
+        rejection => {
+            if rejection == Rejection::Internal {
+                tracing::error!(error = %err, "service error answered with 500");
+            }
+            rejection.status().into_response()
+        }
+    }
+}
+

@@ -1,0 +1,315 @@
+//! HTTP glue: every rejection becomes a response, and permits can ride in the
+//! response body.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower::ServiceBuilder;
+//! use tower_scale::http::ErrorResponseLayer;
+//! use tower_scale::{limit::ConcurrencyLimitLayer, queue::QueueLayer, shed::LoadShedLayer};
+//!
+//! let api = Router::new()
+//!     .route("/work", get(|| async { "done" }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(ErrorResponseLayer::new())
+//!             .layer(LoadShedLayer::new())
+//!             .layer(QueueLayer::new(64, Duration::from_millis(250)))
+//!             .layer(ConcurrencyLimitLayer::new(32)),
+//!     );
+//! // Probes merged after `layer` stay outside the admission stack.
+//! let app: Router = api.merge(Router::new().route("/health", get(|| async { "ok" })));
+//! # let _ = app;
+//! ```
+//!
+//! # Mapping
+//!
+//! | error (anywhere in the `source()` chain) | status | headers |
+//! |---|---|---|
+//! | [`Overloaded`], [`QueueFull`], [`QueueTimeout`] | 503 Service Unavailable | `Retry-After`, `tower-scale-rejected: <reason>` |
+//! | tower's `timeout::error::Elapsed` | 504 Gateway Timeout | |
+//! | anything else | 500 Internal Server Error | |
+//!
+//! The marker header [`REJECTED_HEADER`] says the request was refused before any
+//! work started, so a client may retry it even if it is not idempotent.
+//! `Retry-After` is whole seconds, rounded up, at least 1 (default 1 s; see
+//! [`ErrorResponseLayer::retry_after`]). The body of a mapped error is empty, and
+//! the text of an unknown error is logged (at `error` level) but not sent to the
+//! client unless [`ErrorResponseLayer::expose_errors`] says so (then it is the
+//! body of the 500, as plain text).
+//!
+//! The service's error type is `Infallible`, so axum takes it without a
+//! `HandleErrorLayer`, and the response body is a [`ResponseBody`] around the
+//! inner body: no boxing.
+
+mod body;
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+pub use self::body::{GuardBody, ResponseBody};
+
+use crate::error::{BoxError, Overloaded, QueueFull, QueueTimeout};
+
+/// The header that marks a response refused before any work started; its value
+/// is the reason (`overloaded`, `queue_full`, `queue_timeout`).
+pub const REJECTED_HEADER: HeaderName = HeaderName::from_static("tower-scale-rejected");
+
+/// What an error means for the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Refused before any work started (503, with `Retry-After` and the marker
+    /// header); the value is the reason label.
+    Refused(&'static str),
+    /// tower's timeout elapsed (504).
+    Timeout,
+    /// Anything else (500).
+    Internal,
+}
+
+impl Rejection {
+    /// Classifies `err` by looking through its `source()` chain for the
+    /// rejection types of this crate and tower's `Elapsed`.
+    pub fn of(err: &(dyn StdError + 'static)) -> Self {
+        let mut current = Some(err);
+        while let Some(err) = current {
+            if err.is::<Overloaded>() {
+                return Rejection::Refused("overloaded");
+            }
+            if err.is::<QueueFull>() {
+                return Rejection::Refused("queue_full");
+            }
+            if err.is::<QueueTimeout>() {
+                return Rejection::Refused("queue_timeout");
+            }
+            if err.is::<tower::timeout::error::Elapsed>() {
+                return Rejection::Timeout;
+            }
+            current = err.source();
+        }
+        Rejection::Internal
+    }
+
+    /// The status code this rejection is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Rejection::Refused(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Turns every error of the inner service into a response; see the
+/// [module docs](crate::http).
+#[derive(Clone, Debug)]
+pub struct ErrorResponseLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Debug)]
+struct Config {
+    retry_after: HeaderValue,
+    expose_errors: bool,
+}
+
+impl ErrorResponseLayer {
+    /// A layer with `Retry-After: 1` and unknown errors hidden from clients.
+    pub fn new() -> Self {
+        ErrorResponseLayer {
+            config: Arc::new(Config {
+                retry_after: retry_after_value(Duration::from_secs(1)),
+                expose_errors: false,
+            }),
+        }
+    }
+
+    /// Sets the `Retry-After` of 503 responses: whole seconds, rounded up, at
+    /// least 1.
+    pub fn retry_after(self, after: Duration) -> Self {
+        ErrorResponseLayer {
+            config: Arc::new(Config {
+                retry_after: retry_after_value(after),
+                expose_errors: self.config.expose_errors,
+            }),
+        }
+    }
+
+    /// Sends the text of unknown errors in the body of 500 responses. Off by
+    /// default: error texts can leak internals.
+    pub fn expose_errors(self, expose: bool) -> Self {
+        ErrorResponseLayer {
+            config: Arc::new(Config {
+                retry_after: self.config.retry_after.clone(),
+                expose_errors: expose,
+            }),
+        }
+    }
+}
+
+impl Default for ErrorResponseLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whole seconds, rounded up, at least 1.
+fn retry_after_value(after: Duration) -> HeaderValue {
+    let mut secs = after.as_secs();
+    if after.subsec_nanos() > 0 {
+        secs += 1;
+    }
+    HeaderValue::from(secs.max(1))
+}
+
+impl<S> Layer<S> for ErrorResponseLayer {
+    type Service = ErrorResponse<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ErrorResponse {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Turns every error of the inner service into a response.
+///
+/// Made by [`ErrorResponseLayer`]; see the [module docs](crate::http).
+#[derive(Clone, Debug)]
+pub struct ErrorResponse<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> ErrorResponse<S> {
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ErrorResponse<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: http_body::Body,
+    ResBody::Data: From<String>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // An inner readiness error cannot be answered here (there is no request
+        // yet); it is kept and answered by the next call.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(request),
+            config: self.config.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ErrorResponse`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        config: Arc<Config>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body,
+    B::Data: From<String>,
+{
+    type Output = Result<Response<ResponseBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match ready!(this.inner.poll(cx)) {
+            Ok(response) => response.map(ResponseBody::inner),
+            Err(err) => error_response(&err.into(), this.config),
+        };
+        Poll::Ready(Ok(response))
+    }
+}
+
+fn error_response<B>(err: &BoxError, config: &Config) -> Response<ResponseBody<B>>
+where
+    B: http_body::Body,
+    B::Data: From<String>,
+{
+    let rejection = Rejection::of(err.as_ref());
+    let text = (rejection == Rejection::Internal && config.expose_errors).then(|| err.to_string());
+    let length = text.as_ref().map_or(0, String::len);
+    let mut response = Response::new(ResponseBody::full(text.map(Into::into)));
+    *response.status_mut() = rejection.status();
+    let headers = response.headers_mut();
+    match rejection {
+        Rejection::Refused(reason) => {
+            tracing::debug!(reason, "request refused before any work started");
+            headers.insert(header::RETRY_AFTER, config.retry_after.clone());
+            headers.insert(REJECTED_HEADER, HeaderValue::from_static(reason));
+        }
+        Rejection::Timeout => tracing::debug!("request timed out"),
+        Rejection::Internal => {
+            tracing::error!(error = %err, "service error answered with 500");
+            if length > 0 {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+            }
+        }
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+#[cfg(feature = "axum")]
+mod axum_impls;
+#[cfg(feature = "axum")]
+pub use self::axum_impls::into_response;
+
+#[cfg(test)]
+mod tests;

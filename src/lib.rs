@@ -1,0 +1,100 @@
+//! Composable [Tower] middleware that keeps a service fast and alive under load.
+//!
+//! A server that takes more work than it can do must answer "not now" to the
+//! excess quickly and keep doing useful work at full speed for the rest, instead
+//! of letting queues and latency grow until every client times out. The layers in
+//! this crate do that, and each is usable on its own with
+//! [`tower::ServiceBuilder`]:
+//!
+//! | module | layer | what it does |
+//! |---|---|---|
+//! | [`limit`] | [`ConcurrencyLimitLayer`](limit::ConcurrencyLimitLayer) | at most N calls in flight, one limit shared by every service the layer makes |
+//! | [`queue`] | [`QueueLayer`](queue::QueueLayer) | a bounded admission queue with a timeout, FIFO, LIFO or adaptive LIFO |
+//! | [`shed`] | [`LoadShedLayer`](shed::LoadShedLayer) | fail at once with [`Overloaded`](error::Overloaded) when the inner service is not ready |
+//! | `http` | `ErrorResponseLayer` | turns every rejection into an HTTP response (feature `http`) |
+//!
+//! # Example
+//!
+//! The admission stack for an axum router (feature `http`), outermost first:
+//!
+//! ```
+//! # #[cfg(feature = "http")] {
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower_scale::{http::ErrorResponseLayer, limit::ConcurrencyLimitLayer, queue::QueueLayer, shed::LoadShedLayer};
+//!
+//! let admission = ServiceBuilder::new()
+//!     .layer(ErrorResponseLayer::new())
+//!     .layer(LoadShedLayer::new())
+//!     .layer(QueueLayer::new(64, Duration::from_millis(500)))
+//!     .layer(ConcurrencyLimitLayer::new(16));
+//!
+//! let app: axum::Router = axum::Router::new()
+//!     .route("/api", axum::routing::get(|| async { "hello" }))
+//!     .layer(admission);
+//! # let _ = app;
+//! # }
+//! ```
+//!
+//! # Ordering the layers
+//!
+//! ```text
+//!   request ─▶ ErrorResponse ─▶ LoadShed ─▶ Queue ─▶ ConcurrencyLimit ─▶ app
+//!   response ◀─ 503 / 504 / 500 ◀─ Overloaded ◀─ QueueFull, QueueTimeout
+//! ```
+//!
+//! - **The limit is innermost.** It decides how much work runs at once; it never
+//!   rejects, it only makes callers wait in `poll_ready`.
+//! - **The queue sits in front of the limit.** It bounds how many requests wait
+//!   for a permit and for how long. A request that cannot be started within the
+//!   queue timeout is answered with [`QueueTimeout`](error::QueueTimeout) and never
+//!   reaches the application, so no work is spent on an answer nobody waits for.
+//! - **Shedding sits in front of the queue.** With the queue in
+//!   [backpressure mode](queue::QueueLayer::backpressure) a full queue turns
+//!   `poll_ready` Pending, and `LoadShed` turns that into an immediate
+//!   [`Overloaded`](error::Overloaded); with the default mode the queue answers
+//!   [`QueueFull`](error::QueueFull) itself and `LoadShed` simply passes calls on.
+//! - **Errors become responses outermost.** `ErrorResponseLayer` maps every
+//!   rejection to a status code, so axum gets a service whose error is
+//!   `Infallible` and no `HandleErrorLayer` is needed.
+//! - **Probes and `/metrics` stay outside.** Health checks and scrapes must keep
+//!   answering while the API is overloaded: put them on routes that the admission
+//!   stack does not wrap (axum's `Router::route_layer`/`layer` apply only to
+//!   routes added before the call; merge the probe routes afterwards).
+//!
+//! # Shared state
+//!
+//! axum applies route layers once per connection. Every layer here creates its
+//! state (the limit, the queue) in its constructor, so every service a layer value
+//! makes, and every clone of it, shares one limit and one queue. tower's own
+//! `ConcurrencyLimitLayer` creates its semaphore in `Layer::layer` and therefore
+//! limits each connection separately.
+//!
+//! # Metrics
+//!
+//! Through the [`metrics`] facade, with a `name` label per layer (`.name("api")`,
+//! default `"default"`): `tower_scale_in_flight`, `tower_scale_limit`,
+//! `tower_scale_queue_depth`, `tower_scale_queue_wait_seconds` and
+//! `tower_scale_rejected_total{reason}`. Handles are registered when the layer is
+//! built, so install the recorder (for example `metrics-exporter-prometheus`)
+//! before building the layers.
+//!
+//! [Tower]: https://docs.rs/tower
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod error;
+pub mod limit;
+pub mod queue;
+pub mod shed;
+
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
+
+mod metrics_util;
+mod wait_list;
+
+pub use error::BoxError;
