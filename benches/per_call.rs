@@ -1,1 +1,457 @@
-fn main(){}
+//! Per-call cost of the tower-scale layers beside tower's own, on an
+//! always-ready inner service, so that what is measured is the middleware.
+//!
+//! Run with `cargo bench --bench per_call`.
+//!
+//! Stacks (each wraps the same inner service, `Echo`):
+//!
+//! - `baseline`: the bare inner service; subtract it to get a layer's overhead.
+//! - `ours/ConcurrencyLimit`, `ours/LoadShed`, `ours/LoadShed+Queue+ConcurrencyLimit`.
+//! - `tower/ConcurrencyLimit`, `tower/GlobalConcurrencyLimit`, `tower/LoadShed`,
+//!   `tower/LoadShed+Buffer+ConcurrencyLimit`.
+//!
+//! The limit is never reached and the queue stays empty: this is the cost of
+//! the fast path.
+//!
+//! Groups, every one run first with no metrics recorder, then with a
+//! Prometheus recorder installed (a global recorder can be installed once per
+//! process, and the layers register their metric handles when built, so the
+//! `prometheus_recorder` stacks are built after installing it):
+//!
+//! - `uncontended/reuse/{no_recorder,prometheus_recorder}`: current-thread
+//!   runtime; one service value, `ready().await` then `call(req).await` per
+//!   iteration.
+//! - `uncontended/clone_oneshot/{..}`: current-thread runtime; the service is
+//!   cloned for every request and driven with `oneshot`, as axum and hyper do.
+//! - `two_threads/reuse/{..}`: a multi-thread runtime with 2 workers; 2 tasks
+//!   each own a clone of one shared stack and make half the calls (ready +
+//!   call, reusing their clone). The figure is wall time divided by the total
+//!   number of calls, so with perfect scaling it is half the uncontended one.
+//!
+//! Before the timed runs the bench counts heap allocations per call for every
+//! stack (uncontended, reuse and clone + oneshot) and prints them.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::convert::Infallible;
+use std::fmt::Debug;
+use std::future::Ready;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion};
+use tokio::runtime::{Builder, Runtime};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use tower_scale::limit::ConcurrencyLimitLayer;
+use tower_scale::queue::QueueLayer;
+use tower_scale::shed::LoadShedLayer;
+
+/// Never reached: at most 2 calls are in flight at once.
+const LIMIT: usize = 1_000;
+/// Capacity of our queue and bound of tower's buffer.
+const QUEUE: usize = 1_024;
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Calls per stack for the allocation count.
+const ALLOC_CALLS: u64 = 10_000;
+
+// ---------------------------------------------------------------------------
+// Allocation counting.
+
+/// `System`, counting allocations while `COUNTING` is set (a relaxed load
+/// otherwise, so the timed runs pay next to nothing for it).
+struct CountingAlloc;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+impl CountingAlloc {
+    #[inline]
+    fn count(&self) {
+        if COUNTING.load(Relaxed) {
+            ALLOCATIONS.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.count();
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.count();
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        self.count();
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+// ---------------------------------------------------------------------------
+// The inner service and one call.
+
+/// Always ready; answers with the request.
+#[derive(Clone, Copy, Debug, Default)]
+struct Echo;
+
+impl Service<u64> for Echo {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, request: u64) -> Self::Future {
+        std::future::ready(Ok(request))
+    }
+}
+
+/// What every benchmarked stack is.
+trait Stack:
+    Service<u64, Response = u64, Error: Debug + Send, Future: Send> + Clone + Send + 'static
+{
+}
+
+impl<S> Stack for S where
+    S: Service<u64, Response = u64, Error: Debug + Send, Future: Send> + Clone + Send + 'static
+{
+}
+
+/// One call on a service kept between calls: `ready` then `call`.
+#[inline]
+async fn call_reuse<S: Stack>(svc: &mut S, request: u64) -> u64 {
+    svc.ready()
+        .await
+        .expect("ready failed")
+        .call(request)
+        .await
+        .expect("call failed")
+}
+
+/// One call the way axum and hyper make it: clone the service, `oneshot`.
+#[inline]
+async fn call_clone_oneshot<S: Stack>(svc: &S, request: u64) -> u64 {
+    svc.clone().oneshot(request).await.expect("call failed")
+}
+
+// ---------------------------------------------------------------------------
+// The stacks.
+
+/// Called once per stack, with a freshly built stack.
+trait Visit {
+    fn visit<S: Stack>(&mut self, name: &str, svc: S);
+}
+
+/// Builds every stack anew (so metric handles are registered with whatever
+/// recorder is installed now) and hands each to `v`. Tower's buffer worker is
+/// spawned on `rt`.
+fn for_each_stack(rt: &Runtime, v: &mut impl Visit) {
+    let _enter = rt.enter();
+
+    v.visit("baseline", Echo);
+
+    v.visit(
+        "ours/ConcurrencyLimit",
+        ServiceBuilder::new()
+            .layer(ConcurrencyLimitLayer::new(LIMIT))
+            .service(Echo),
+    );
+    v.visit(
+        "ours/LoadShed",
+        ServiceBuilder::new()
+            .layer(LoadShedLayer::new())
+            .service(Echo),
+    );
+    v.visit(
+        "ours/LoadShed+Queue+ConcurrencyLimit",
+        ServiceBuilder::new()
+            .layer(LoadShedLayer::new())
+            .layer(QueueLayer::new(QUEUE, QUEUE_TIMEOUT))
+            .layer(ConcurrencyLimitLayer::new(LIMIT))
+            .service(Echo),
+    );
+
+    v.visit(
+        "tower/ConcurrencyLimit",
+        ServiceBuilder::new().concurrency_limit(LIMIT).service(Echo),
+    );
+    v.visit(
+        "tower/GlobalConcurrencyLimit",
+        ServiceBuilder::new()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(LIMIT))
+            .service(Echo),
+    );
+    v.visit(
+        "tower/LoadShed",
+        ServiceBuilder::new().load_shed().service(Echo),
+    );
+    v.visit(
+        "tower/LoadShed+Buffer+ConcurrencyLimit",
+        ServiceBuilder::new()
+            .load_shed()
+            .buffer(QUEUE)
+            .concurrency_limit(LIMIT)
+            .service(Echo),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Allocation count.
+
+struct CountAllocations<'a> {
+    rt: &'a Runtime,
+    rows: Vec<(String, f64, f64)>,
+}
+
+impl CountAllocations<'_> {
+    fn per_call<F: std::future::Future<Output = ()>>(&self, run: F) -> f64 {
+        ALLOCATIONS.store(0, Relaxed);
+        COUNTING.store(true, Relaxed);
+        self.rt.block_on(run);
+        COUNTING.store(false, Relaxed);
+        ALLOCATIONS.load(Relaxed) as f64 / ALLOC_CALLS as f64
+    }
+}
+
+impl Visit for CountAllocations<'_> {
+    fn visit<S: Stack>(&mut self, name: &str, mut svc: S) {
+        // Warm up first: lazily created state (thread locals, the buffer
+        // worker's first poll) is not a per-call cost.
+        self.rt.block_on(async {
+            for i in 0..100 {
+                black_box(call_reuse(&mut svc, i).await);
+                black_box(call_clone_oneshot(&svc, i).await);
+            }
+        });
+        let reuse = self.per_call(async {
+            for i in 0..ALLOC_CALLS {
+                black_box(call_reuse(&mut svc, i).await);
+            }
+        });
+        let clone = self.per_call(async {
+            for i in 0..ALLOC_CALLS {
+                black_box(call_clone_oneshot(&svc, i).await);
+            }
+        });
+        self.rows.push((name.to_owned(), reuse, clone));
+    }
+}
+
+fn print_allocations(recorder: &str) {
+    let rt = current_thread();
+    let mut count = CountAllocations {
+        rt: &rt,
+        rows: Vec::new(),
+    };
+    for_each_stack(&rt, &mut count);
+    println!(
+        "allocations per call ({recorder}, uncontended, {ALLOC_CALLS} calls): \
+         stack: reuse / clone+oneshot"
+    );
+    for (name, reuse, clone) in &count.rows {
+        println!("  {name:<42} {reuse:>6.2} / {clone:>6.2}");
+    }
+    let line: Vec<String> = count
+        .rows
+        .iter()
+        .map(|(name, reuse, _)| format!("{name} {reuse:.2}"))
+        .collect();
+    println!(
+        "allocations per call ({recorder}, reuse): {}",
+        line.join(", ")
+    );
+    println!();
+}
+
+// ---------------------------------------------------------------------------
+// Timed runs.
+
+fn current_thread() -> Runtime {
+    Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("current-thread runtime")
+}
+
+fn two_workers() -> Runtime {
+    Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("multi-thread runtime")
+}
+
+struct UncontendedReuse<'g, 'c> {
+    group: &'g mut BenchmarkGroup<'c, WallTime>,
+    rt: &'g Runtime,
+}
+
+impl Visit for UncontendedReuse<'_, '_> {
+    fn visit<S: Stack>(&mut self, name: &str, svc: S) {
+        self.group.bench_function(name, |b| {
+            b.to_async(self.rt).iter_custom(|iters| {
+                let mut svc = svc.clone();
+                async move {
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        black_box(call_reuse(&mut svc, black_box(i)).await);
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+    }
+}
+
+struct UncontendedClone<'g, 'c> {
+    group: &'g mut BenchmarkGroup<'c, WallTime>,
+    rt: &'g Runtime,
+}
+
+impl Visit for UncontendedClone<'_, '_> {
+    fn visit<S: Stack>(&mut self, name: &str, svc: S) {
+        self.group.bench_function(name, |b| {
+            b.to_async(self.rt).iter_custom(|iters| {
+                let svc = svc.clone();
+                async move {
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        black_box(call_clone_oneshot(&svc, black_box(i)).await);
+                    }
+                    start.elapsed()
+                }
+            })
+        });
+    }
+}
+
+struct TwoThreads<'g, 'c> {
+    group: &'g mut BenchmarkGroup<'c, WallTime>,
+    rt: &'g Runtime,
+}
+
+impl Visit for TwoThreads<'_, '_> {
+    fn visit<S: Stack>(&mut self, name: &str, svc: S) {
+        let rt = self.rt;
+        self.group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                let tasks = [iters / 2 + iters % 2, iters / 2].map(|calls| {
+                    let mut svc = svc.clone();
+                    rt.spawn(async move {
+                        for i in 0..calls {
+                            black_box(call_reuse(&mut svc, black_box(i)).await);
+                        }
+                    })
+                });
+                rt.block_on(async {
+                    for task in tasks {
+                        task.await.expect("bench task panicked");
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+}
+
+fn run_groups(c: &mut Criterion, recorder: &str) {
+    let rt = current_thread();
+    {
+        let mut group = c.benchmark_group(format!("uncontended/reuse/{recorder}"));
+        configure(&mut group);
+        for_each_stack(
+            &rt,
+            &mut UncontendedReuse {
+                group: &mut group,
+                rt: &rt,
+            },
+        );
+        group.finish();
+    }
+    {
+        let mut group = c.benchmark_group(format!("uncontended/clone_oneshot/{recorder}"));
+        configure(&mut group);
+        for_each_stack(
+            &rt,
+            &mut UncontendedClone {
+                group: &mut group,
+                rt: &rt,
+            },
+        );
+        group.finish();
+    }
+    let rt = two_workers();
+    {
+        let mut group = c.benchmark_group(format!("two_threads/reuse/{recorder}"));
+        configure(&mut group);
+        for_each_stack(
+            &rt,
+            &mut TwoThreads {
+                group: &mut group,
+                rt: &rt,
+            },
+        );
+        group.finish();
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let listing = std::env::args().any(|a| a == "--list");
+
+    // No recorder: metric handles are no-ops.
+    if !listing {
+        print_allocations("no_recorder");
+    }
+    run_groups(&mut c, "no_recorder");
+
+    // Install the recorder once, then build every stack anew so that the
+    // layers' handles are the recorder's.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("no recorder installed before");
+    if !listing {
+        print_allocations("prometheus_recorder");
+    }
+    run_groups(&mut c, "prometheus_recorder");
+
+    // The recorder did record: the in-flight gauges are there.
+    if !listing {
+        let rendered = handle.render();
+        assert!(
+            rendered.contains("tower_scale_in_flight"),
+            "the recorder saw no tower_scale metric"
+        );
+    }
+
+    c.final_summary();
+}

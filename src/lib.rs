@@ -97,4 +97,7 @@ pub mod http;
 mod metrics_util;
 mod wait_list;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::BoxError;
