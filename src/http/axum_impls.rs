@@ -36,14 +36,17 @@ impl IntoResponse for QueueTimeout {
 /// ours, so it cannot implement `IntoResponse` itself):
 ///
 /// ```
-/// use axum::error_handling::HandleErrorLayer;
+/// use axum::{error_handling::HandleErrorLayer, routing::get, Router};
 /// use tower::ServiceBuilder;
-/// use tower_scale::{http::into_response, shed::LoadShedLayer};
+/// use tower_scale::{http::into_response, limit::ConcurrencyLimitLayer, shed::LoadShedLayer};
 ///
-/// let layer = ServiceBuilder::new()
-///     .layer(HandleErrorLayer::new(|err: tower::BoxError| async move { into_response(err) }))
-///     .layer(LoadShedLayer::new());
-/// # let _ = layer;
+/// let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
+///     ServiceBuilder::new()
+///         .layer(HandleErrorLayer::new(|err: tower::BoxError| async move { into_response(err) }))
+///         .layer(LoadShedLayer::new())
+///         .layer(ConcurrencyLimitLayer::new(8)),
+/// );
+/// # let _ = app;
 /// ```
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub fn into_response(err: crate::BoxError) -> Response {

@@ -1,1 +1,124 @@
+use std::convert::Infallible;
+use std::time::Duration;
 
+use http::{header, Request, Response, StatusCode};
+use http_body::Body as _;
+use tower::{service_fn, Layer, ServiceExt};
+
+use super::*;
+use crate::error::{BoxError, Overloaded, QueueFull, QueueTimeout};
+
+/// A body of one chunk, for the tests.
+type Full = http_body_util::Full<bytes::Bytes>;
+
+async fn answer(err: BoxError, layer: ErrorResponseLayer) -> Response<ResponseBody<Full>> {
+    let mut err = Some(err);
+    let svc = layer.layer(service_fn(move |_: Request<()>| {
+        let err = err.take().expect("called once");
+        async move { Err::<Response<Full>, BoxError>(err) }
+    }));
+    svc.oneshot(Request::new(())).await.unwrap()
+}
+
+#[tokio::test]
+async fn rejections_become_503_with_retry_after_and_the_marker() {
+    for (err, reason) in [
+        (BoxError::from(Overloaded::new()), "overloaded"),
+        (QueueFull::new().into(), "queue_full"),
+        (QueueTimeout::new().into(), "queue_timeout"),
+    ] {
+        let response = answer(err, ErrorResponseLayer::new()).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(response.headers()[REJECTED_HEADER], reason);
+        assert_eq!(response.headers()[header::CONTENT_LENGTH], "0");
+        assert!(response.body().is_end_stream());
+    }
+}
+
+#[tokio::test]
+async fn timeout_becomes_504_and_unknown_errors_500_without_their_text() {
+    let elapsed: BoxError = tower::timeout::error::Elapsed::new().into();
+    let response = answer(elapsed, ErrorResponseLayer::new()).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(!response.headers().contains_key(REJECTED_HEADER));
+
+    let response = answer("database password is hunter2".into(), ErrorResponseLayer::new()).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!response.headers().contains_key(header::RETRY_AFTER));
+    assert_eq!(response.body().size_hint().exact(), Some(0));
+
+    let response = answer("visible".into(), ErrorResponseLayer::new().expose_errors(true)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    assert_eq!(body.to_bytes(), "visible");
+}
+
+#[derive(Debug)]
+struct Wrapped(BoxError);
+
+impl std::fmt::Display for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("wrapped")
+    }
+}
+
+impl std::error::Error for Wrapped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+#[test]
+fn rejections_are_found_through_the_source_chain() {
+    let err = Wrapped(QueueTimeout::new().into());
+    assert_eq!(Rejection::of(&err), Rejection::Refused("queue_timeout"));
+    assert_eq!(Rejection::of(&Wrapped("other".into())), Rejection::Internal);
+}
+
+#[test]
+fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+    assert_eq!(retry_after_value(Duration::ZERO), "1");
+    assert_eq!(retry_after_value(Duration::from_millis(10)), "1");
+    assert_eq!(retry_after_value(Duration::from_secs(2)), "2");
+    assert_eq!(retry_after_value(Duration::from_millis(2001)), "3");
+}
+
+#[tokio::test]
+async fn successful_responses_keep_their_body_and_hints() {
+    let svc = ErrorResponseLayer::new().layer(service_fn(|_: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Full::from("hello")))
+    }));
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.body().size_hint().exact(), Some(5));
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    assert_eq!(body.to_bytes(), "hello");
+}
+
+#[tokio::test]
+async fn guard_body_holds_its_guard_until_the_body_ends_or_is_dropped() {
+    use http_body_util::BodyExt;
+    let (tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, Infallible>>(2);
+    let guard = std::sync::Arc::new(());
+    let mut body = GuardBody::new(http_body_util::StreamBody::new(rx), guard.clone());
+    assert_eq!(std::sync::Arc::strong_count(&guard), 2);
+    let mut tx = tx;
+    futures::SinkExt::send(&mut tx, Ok(http_body::Frame::data("a".into()))).await.unwrap();
+    assert!(body.frame().await.is_some());
+    assert!(body.is_holding());
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    assert!(!body.is_holding());
+    assert_eq!(std::sync::Arc::strong_count(&guard), 1);
+
+    let (_tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, Infallible>>(1);
+    let body = GuardBody::new(http_body_util::StreamBody::new(rx), guard.clone());
+    assert_eq!(std::sync::Arc::strong_count(&guard), 2);
+    drop(body);
+    assert_eq!(std::sync::Arc::strong_count(&guard), 1);
+
+    // A body that is already over does not hold the guard at all.
+    let body = GuardBody::new(Full::default(), guard.clone());
+    assert!(!body.is_holding());
+}
