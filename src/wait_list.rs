@@ -72,5 +72,7 @@ impl WaitList {
 /// Locks `mutex`, ignoring poisoning: every critical section in this crate leaves
 /// its data consistent before anything that could panic.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -60,4 +60,3 @@ pub fn into_response(err: crate::BoxError) -> Response {
         }
     }
 }
-

@@ -1,8 +1,8 @@
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http_body::{Body, Frame, SizeHint};
 use bytes::Buf as _;
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 pin_project! {

@@ -43,14 +43,24 @@ async fn timeout_becomes_504_and_unknown_errors_500_without_their_text() {
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(!response.headers().contains_key(REJECTED_HEADER));
 
-    let response = answer("database password is hunter2".into(), ErrorResponseLayer::new()).await;
+    let response = answer(
+        "database password is hunter2".into(),
+        ErrorResponseLayer::new(),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(!response.headers().contains_key(header::RETRY_AFTER));
     assert_eq!(response.body().size_hint().exact(), Some(0));
 
-    let response = answer("visible".into(), ErrorResponseLayer::new().expose_errors(true)).await;
+    let response = answer(
+        "visible".into(),
+        ErrorResponseLayer::new().expose_errors(true),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
     assert_eq!(body.to_bytes(), "visible");
 }
 
@@ -92,19 +102,24 @@ async fn successful_responses_keep_their_body_and_hints() {
     let response = svc.oneshot(Request::new(())).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.body().size_hint().exact(), Some(5));
-    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
     assert_eq!(body.to_bytes(), "hello");
 }
 
 #[tokio::test]
 async fn guard_body_holds_its_guard_until_the_body_ends_or_is_dropped() {
     use http_body_util::BodyExt;
-    let (tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, Infallible>>(2);
+    let (tx, rx) =
+        futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, Infallible>>(2);
     let guard = std::sync::Arc::new(());
     let mut body = GuardBody::new(http_body_util::StreamBody::new(rx), guard.clone());
     assert_eq!(std::sync::Arc::strong_count(&guard), 2);
     let mut tx = tx;
-    futures::SinkExt::send(&mut tx, Ok(http_body::Frame::data("a".into()))).await.unwrap();
+    futures::SinkExt::send(&mut tx, Ok(http_body::Frame::data("a".into())))
+        .await
+        .unwrap();
     assert!(body.frame().await.is_some());
     assert!(body.is_holding());
     drop(tx);
@@ -112,7 +127,8 @@ async fn guard_body_holds_its_guard_until_the_body_ends_or_is_dropped() {
     assert!(!body.is_holding());
     assert_eq!(std::sync::Arc::strong_count(&guard), 1);
 
-    let (_tx, rx) = futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, Infallible>>(1);
+    let (_tx, rx) =
+        futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, Infallible>>(1);
     let body = GuardBody::new(http_body_util::StreamBody::new(rx), guard.clone());
     assert_eq!(std::sync::Arc::strong_count(&guard), 2);
     drop(body);

@@ -293,4 +293,3 @@ fn limit_is_never_exceeded_across_ten_thousand_random_steps() {
     assert_eq!(handle.waiting(), 0);
     assert_eq!(books.active(), 0);
 }
-

@@ -126,6 +126,8 @@ impl<S: Service<Request>, Request> fmt::Debug for ResponseFuture<S, Request> {
             State::Full => "full",
             State::Done => "done",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }

@@ -139,10 +139,16 @@ impl Order {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Order::AdaptiveLifo { target, interval } = self {
             if target.is_zero() {
-                return Err(ConfigError::new("order.target", "must be greater than zero"));
+                return Err(ConfigError::new(
+                    "order.target",
+                    "must be greater than zero",
+                ));
             }
             if interval.is_zero() {
-                return Err(ConfigError::new("order.interval", "must be greater than zero"));
+                return Err(ConfigError::new(
+                    "order.interval",
+                    "must be greater than zero",
+                ));
             }
         }
         Ok(())

@@ -128,7 +128,10 @@ async fn full_queue_rejects_at_once_with_queue_full() {
 
 #[tokio::test(start_paused = true)]
 async fn backpressure_mode_is_pending_while_full_and_ready_when_a_slot_frees() {
-    let h = Harness::new(QueueLayer::new(1, Duration::from_secs(10)).backpressure(), 1);
+    let h = Harness::new(
+        QueueLayer::new(1, Duration::from_secs(10)).backpressure(),
+        1,
+    );
     let _busy = h.call(0).await;
     let _queued = h.call(1).await;
     assert_eq!(h.queue.depth(), 1);
@@ -144,7 +147,10 @@ async fn backpressure_mode_is_pending_while_full_and_ready_when_a_slot_frees() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_a_service_parked_for_room_leaves_no_trace() {
-    let h = Harness::new(QueueLayer::new(1, Duration::from_secs(10)).backpressure(), 1);
+    let h = Harness::new(
+        QueueLayer::new(1, Duration::from_secs(10)).backpressure(),
+        1,
+    );
     let _busy = h.call(0).await;
     let _queued = h.call(1).await;
     let mut first = mock::Spawn::new(h.svc.clone());
@@ -266,7 +272,10 @@ async fn head_of_queue_timing_out_passes_the_turn_on() {
 #[test]
 fn bad_configuration_is_refused_naming_the_field() {
     assert_eq!(QueueLayer::try_new(0, MS).unwrap_err().field(), "capacity");
-    assert_eq!(QueueLayer::try_new(1, Duration::ZERO).unwrap_err().field(), "timeout");
+    assert_eq!(
+        QueueLayer::try_new(1, Duration::ZERO).unwrap_err().field(),
+        "timeout"
+    );
     let zero_target = Order::AdaptiveLifo {
         target: Duration::ZERO,
         interval: MS,
@@ -274,7 +283,10 @@ fn bad_configuration_is_refused_naming_the_field() {
     let err = QueueLayer::new(1, MS).try_order(zero_target).unwrap_err();
     assert_eq!(err.field(), "order.target");
     let panic = std::panic::catch_unwind(|| QueueLayer::new(0, MS)).unwrap_err();
-    assert!(panic.downcast_ref::<String>().unwrap().contains("`capacity`"));
+    assert!(panic
+        .downcast_ref::<String>()
+        .unwrap()
+        .contains("`capacity`"));
 }
 
 #[test]
@@ -321,11 +333,16 @@ fn check_invariants(ops: Vec<Op>, limit: usize, capacity: usize, order: Order) {
         let svc = {
             let called_at = called_at.clone();
             let waits = waits.clone();
-            queue.layer(limit_layer.layer(tower::util::MapRequestLayer::new(move |id: u64| {
-                let waited = called_at.lock().unwrap()[&id].elapsed();
-                waits.lock().unwrap().push(waited);
-                id
-            }).layer(inner)))
+            queue.layer(
+                limit_layer.layer(
+                    tower::util::MapRequestLayer::new(move |id: u64| {
+                        let waited = called_at.lock().unwrap()[&id].elapsed();
+                        waits.lock().unwrap().push(waited);
+                        id
+                    })
+                    .layer(inner),
+                ),
+            )
         };
         let (qh, lh) = (queue.handle(), limit_layer.handle());
         let mut tasks: Vec<(u64, JoinHandle<Result<u64, BoxError>>)> = Vec::new();
@@ -362,7 +379,9 @@ fn check_invariants(ops: Vec<Op>, limit: usize, capacity: usize, order: Order) {
                     let answer = task.await.unwrap();
                     if let Err(err) = &answer {
                         assert!(
-                            err.is::<QueueFull>() || err.is::<QueueTimeout>() || err.to_string() == "inner failed",
+                            err.is::<QueueFull>()
+                                || err.is::<QueueTimeout>()
+                                || err.to_string() == "inner failed",
                             "unexpected error for {id}: {err}"
                         );
                     }
@@ -396,7 +415,11 @@ fn check_invariants(ops: Vec<Op>, limit: usize, capacity: usize, order: Order) {
             task.await.unwrap().ok();
             answers += 1;
         }
-        assert_eq!(answers + cancelled, next as usize, "every request answered or cancelled once");
+        assert_eq!(
+            answers + cancelled,
+            next as usize,
+            "every request answered or cancelled once"
+        );
         assert_eq!(lh.in_flight(), 0);
         assert_eq!(lh.waiting(), 0);
         assert_eq!(qh.depth(), 0);
@@ -420,4 +443,62 @@ proptest! {
     ) {
         check_invariants(ops, limit, capacity, order);
     }
+}
+
+/// Metric handles are registered when the layers are built, so building them
+/// under a local recorder is enough for the figures to land in it.
+#[tokio::test(start_paused = true)]
+async fn metrics_report_depth_in_flight_waits_and_rejections_by_name() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let prometheus = recorder.handle();
+    let (queue, limit) = metrics::with_local_recorder(&recorder, || {
+        (
+            QueueLayer::new(1, 100 * MS).name("api"),
+            ConcurrencyLimitLayer::new(1).name("api"),
+        )
+    });
+    let inner = Tracked::default();
+    let h = Harness {
+        books: inner.books.clone(),
+        queue: queue.handle(),
+        limit: limit.handle(),
+        svc: queue.layer(limit.layer(inner)),
+    };
+    // The value of the sample that starts with `series`, as rendered.
+    let value = |series: &str| -> Option<f64> {
+        let text = prometheus.render();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    };
+
+    let _busy = h.call(0).await;
+    let queued = h.call(1).await;
+    let full = h.call(2).await;
+    assert!(full.await.unwrap().unwrap_err().is::<QueueFull>());
+    assert_eq!(value(r#"tower_scale_in_flight{name="api"}"#), Some(1.0));
+    assert_eq!(value(r#"tower_scale_limit{name="api"}"#), Some(1.0));
+    assert_eq!(value(r#"tower_scale_queue_depth{name="api"}"#), Some(1.0));
+    let full = r#"tower_scale_rejected_total{name="api",reason="queue_full"}"#;
+    assert_eq!(value(full), Some(1.0));
+
+    tokio::time::advance(100 * MS).await;
+    settle().await;
+    assert!(queued.await.unwrap().unwrap_err().is::<QueueTimeout>());
+    let timeout = r#"tower_scale_rejected_total{name="api",reason="queue_timeout"}"#;
+    assert_eq!(value(timeout), Some(1.0));
+    assert_eq!(value(r#"tower_scale_queue_depth{name="api"}"#), Some(0.0));
+
+    // A request that waits 30 ms and is dispatched records its wait.
+    let waiting = h.call(3).await;
+    tokio::time::advance(30 * MS).await;
+    h.finish(0).await;
+    assert_eq!(
+        value(r#"tower_scale_queue_wait_seconds_count{name="api"}"#),
+        Some(1.0)
+    );
+    let sum = value(r#"tower_scale_queue_wait_seconds_sum{name="api"}"#).unwrap();
+    assert!((sum - 0.03).abs() < 1e-9, "{sum}");
+    h.finish(3).await;
+    waiting.await.unwrap().unwrap();
+    assert_eq!(value(r#"tower_scale_in_flight{name="api"}"#), Some(0.0));
 }

@@ -60,6 +60,8 @@ impl<F> fmt::Debug for ResponseFuture<F> {
             State::Called { .. } => "called",
             State::Overloaded => "overloaded",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }

@@ -85,7 +85,10 @@ impl Shared {
 impl<S> LoadShed<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
-        LoadShed::with_shared(inner, Arc::new(Shared::new(crate::metrics_util::DEFAULT_NAME)))
+        LoadShed::with_shared(
+            inner,
+            Arc::new(Shared::new(crate::metrics_util::DEFAULT_NAME)),
+        )
     }
 
     fn with_shared(inner: S, shared: Arc<Shared>) -> Self {

@@ -24,7 +24,10 @@ async fn not_ready_inner_is_shed_at_once_without_being_called() {
     let err = svc.call("hello").await.unwrap_err();
     assert!(err.is::<Overloaded>(), "{err}");
     handle.allow(1);
-    assert!(handle.poll_request().is_pending(), "the inner service saw nothing");
+    assert!(
+        handle.poll_request().is_pending(),
+        "the inner service saw nothing"
+    );
 }
 
 #[tokio::test]
