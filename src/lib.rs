@@ -75,9 +75,11 @@
 //! Through the [`metrics`] facade, with a `name` label per layer (`.name("api")`,
 //! default `"default"`): `tower_scale_in_flight`, `tower_scale_limit`,
 //! `tower_scale_queue_depth`, `tower_scale_queue_wait_seconds` and
-//! `tower_scale_rejected_total{reason}`. Handles are registered when the layer is
-//! built, so install the recorder (for example `metrics-exporter-prometheus`)
-//! before building the layers.
+//! `tower_scale_rejected_total{reason}`. A layer registers its metric handles
+//! once, when it first makes a service or a handle, so install the recorder (for
+//! example `metrics-exporter-prometheus`) before building the router. Give each
+//! layer its own name: two layers with one name add up their in-flight counts
+//! but overwrite each other's limit and queue depth.
 //!
 //! [Tower]: https://docs.rs/tower
 #![forbid(unsafe_code)]

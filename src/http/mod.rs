@@ -182,6 +182,7 @@ impl<S> Layer<S> for ErrorResponseLayer {
         ErrorResponse {
             inner,
             config: self.config.clone(),
+            ready_error: None,
         }
     }
 }
@@ -189,10 +190,22 @@ impl<S> Layer<S> for ErrorResponseLayer {
 /// Turns every error of the inner service into a response.
 ///
 /// Made by [`ErrorResponseLayer`]; see the [module docs](crate::http).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ErrorResponse<S> {
     inner: S,
     config: Arc<Config>,
+    /// An error from the inner `poll_ready`, answered by the next call.
+    ready_error: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for ErrorResponse<S> {
+    fn clone(&self) -> Self {
+        ErrorResponse {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            ready_error: None,
+        }
+    }
 }
 
 impl<S> ErrorResponse<S> {
@@ -224,17 +237,25 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // An inner readiness error cannot be answered here (there is no request
-        // yet); it is kept and answered by the next call.
-        match self.inner.poll_ready(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => Poll::Ready(Ok(())),
+        if self.ready_error.is_none() {
+            if let Err(err) = ready!(self.inner.poll_ready(cx)) {
+                // There is no request to answer yet: the next call answers it,
+                // without calling the inner service, which is not ready.
+                self.ready_error = Some(err.into());
+            }
         }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let state = match self.ready_error.take() {
+            Some(err) => State::Failed { err: Some(err) },
+            None => State::Called {
+                fut: self.inner.call(request),
+            },
+        };
         ResponseFuture {
-            inner: self.inner.call(request),
+            state,
             config: self.config.clone(),
         }
     }
@@ -244,8 +265,16 @@ pin_project! {
     /// Response future of [`ErrorResponse`].
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        state: State<F>,
         config: Arc<Config>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] fut: F },
+        Failed { err: Option<BoxError> },
     }
 }
 
@@ -266,9 +295,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = match ready!(this.inner.poll(cx)) {
-            Ok(response) => response.map(ResponseBody::inner),
-            Err(err) => error_response(&err.into(), this.config),
+        let response = match this.state.project() {
+            StateProj::Called { fut } => match ready!(fut.poll(cx)) {
+                Ok(response) => response.map(ResponseBody::inner),
+                Err(err) => error_response(&err.into(), this.config),
+            },
+            StateProj::Failed { err } => {
+                let err = err.take().expect("ResponseFuture polled after completion");
+                error_response(&err, this.config)
+            }
         };
         Poll::Ready(Ok(response))
     }

@@ -138,3 +138,22 @@ async fn guard_body_holds_its_guard_until_the_body_ends_or_is_dropped() {
     let body = GuardBody::new(Full::default(), guard.clone());
     assert!(!body.is_holding());
 }
+
+#[tokio::test]
+async fn readiness_error_is_answered_by_the_next_call_without_calling_inner() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<()>, Response<Full>>();
+    let mut svc = tower_test::mock::Spawn::new(ErrorResponseLayer::new().layer(svc));
+    handle.send_error(QueueFull::new());
+    tokio_test::assert_ready_ok!(svc.poll_ready());
+    let response = svc.call(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()[REJECTED_HEADER], "queue_full");
+    assert!(handle.poll_request().is_pending());
+}
+
+#[test]
+fn services_fit_axum() {
+    fn assert_fits<T: Clone + Send + Sync + 'static>() {}
+    assert_fits::<ErrorResponseLayer>();
+    assert_fits::<ErrorResponse<crate::shed::LoadShed<crate::test_support::Tracked>>>();
+}

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tower::Layer;
 
@@ -13,7 +13,11 @@ use crate::metrics_util::DEFAULT_NAME;
 /// See the [module docs](crate::limit) for an example.
 #[derive(Clone)]
 pub struct ConcurrencyLimitLayer<P = OnResponse> {
-    limiter: Arc<Limiter>,
+    limit: usize,
+    name: String,
+    /// The shared limit, made on first use so that builder methods register
+    /// metrics only under the final name; clones share it.
+    limiter: Arc<OnceLock<Arc<Limiter>>>,
     policy: P,
 }
 
@@ -36,7 +40,9 @@ impl ConcurrencyLimitLayer {
             return Err(ConfigError::new("limit", "must be at least 1"));
         }
         Ok(ConcurrencyLimitLayer {
-            limiter: Arc::new(Limiter::new(limit, DEFAULT_NAME)),
+            limit,
+            name: DEFAULT_NAME.to_owned(),
+            limiter: Arc::default(),
             policy: OnResponse::default(),
         })
     }
@@ -48,11 +54,18 @@ impl<P> ConcurrencyLimitLayer<P> {
     /// This starts a new limit: call it while building the layer, before the
     /// layer is cloned or used.
     pub fn name(self, name: impl Into<String>) -> Self {
-        let limit = self.limiter.limit();
         ConcurrencyLimitLayer {
-            limiter: Arc::new(Limiter::new(limit, &name.into())),
+            limit: self.limit,
+            name: name.into(),
+            limiter: Arc::default(),
             policy: self.policy,
         }
+    }
+
+    /// The shared limit, made by the first service or handle.
+    pub(crate) fn limiter(&self) -> &Arc<Limiter> {
+        self.limiter
+            .get_or_init(|| Arc::new(Limiter::new(self.limit, &self.name)))
     }
 
     /// Holds each permit until the HTTP response body has ended, errored or been
@@ -62,6 +75,8 @@ impl<P> ConcurrencyLimitLayer<P> {
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn release_on_body_end(self) -> ConcurrencyLimitLayer<super::OnBodyEnd> {
         ConcurrencyLimitLayer {
+            limit: self.limit,
+            name: self.name,
             limiter: self.limiter,
             policy: super::OnBodyEnd::default(),
         }
@@ -69,7 +84,7 @@ impl<P> ConcurrencyLimitLayer<P> {
 
     /// A handle on the shared limit, to read its figures at run time.
     pub fn handle(&self) -> LimitHandle {
-        LimitHandle::new(self.limiter.clone())
+        LimitHandle::new(self.limiter().clone())
     }
 }
 
@@ -77,15 +92,15 @@ impl<S, P: Clone> Layer<S> for ConcurrencyLimitLayer<P> {
     type Service = ConcurrencyLimit<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyLimit::with_shared(inner, self.limiter.clone(), self.policy.clone())
+        ConcurrencyLimit::with_shared(inner, self.limiter().clone(), self.policy.clone())
     }
 }
 
 impl<P> fmt::Debug for ConcurrencyLimitLayer<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyLimitLayer")
-            .field("name", &self.limiter.name())
-            .field("limit", &self.limiter.limit())
+            .field("name", &self.name)
+            .field("limit", &self.limit)
             .field("policy", &std::any::type_name::<P>())
             .finish()
     }

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tower::Layer;
@@ -14,7 +14,10 @@ use crate::metrics_util::DEFAULT_NAME;
 /// See the [module docs](crate::queue) for an example.
 #[derive(Clone)]
 pub struct QueueLayer {
-    shared: Arc<Shared>,
+    config: Config,
+    /// The shared queue, made on first use so that builder methods register
+    /// metrics only under the final name; clones share it.
+    shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
 impl QueueLayer {
@@ -51,14 +54,21 @@ impl QueueLayer {
 
     fn from_config(config: Config) -> Self {
         QueueLayer {
-            shared: Arc::new(Shared::new(config)),
+            config,
+            shared: Arc::default(),
         }
     }
 
     fn reconfigure(self, change: impl FnOnce(&mut Config)) -> Self {
-        let mut config = self.shared.config.clone();
+        let mut config = self.config;
         change(&mut config);
         Self::from_config(config)
+    }
+
+    /// The shared queue, made by the first service or handle.
+    fn shared(&self) -> &Arc<Shared> {
+        self.shared
+            .get_or_init(|| Arc::new(Shared::new(self.config.clone())))
     }
 
     /// Sets the dispatch order (default [`Order::Fifo`]).
@@ -101,7 +111,7 @@ impl QueueLayer {
 
     /// A handle on the shared queue.
     pub fn handle(&self) -> QueueHandle {
-        QueueHandle::new(self.shared.clone())
+        QueueHandle::new(self.shared().clone())
     }
 }
 
@@ -109,12 +119,12 @@ impl<S> Layer<S> for QueueLayer {
     type Service = Queue<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Queue::with_shared(inner, self.shared.clone())
+        Queue::with_shared(inner, self.shared().clone())
     }
 }
 
 impl fmt::Debug for QueueLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("QueueLayer").field(&self.shared).finish()
+        f.debug_tuple("QueueLayer").field(&self.config).finish()
     }
 }

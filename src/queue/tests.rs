@@ -29,7 +29,7 @@ struct Harness {
 
 impl Harness {
     fn new(queue: QueueLayer, limit: usize) -> Self {
-        let limit = ConcurrencyLimitLayer::new(limit);
+        let limit = ConcurrencyLimitLayer::new(limit).name(queue.handle().name());
         let inner = Tracked::default();
         Harness {
             books: inner.books.clone(),
@@ -445,25 +445,16 @@ proptest! {
     }
 }
 
-/// Metric handles are registered when the layers are built, so building them
-/// under a local recorder is enough for the figures to land in it.
+/// Metric handles are registered when a layer first makes a service or a
+/// handle, so doing that under a local recorder is enough for the figures to
+/// land in it.
 #[tokio::test(start_paused = true)]
 async fn metrics_report_depth_in_flight_waits_and_rejections_by_name() {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let prometheus = recorder.handle();
-    let (queue, limit) = metrics::with_local_recorder(&recorder, || {
-        (
-            QueueLayer::new(1, 100 * MS).name("api"),
-            ConcurrencyLimitLayer::new(1).name("api"),
-        )
+    let h = metrics::with_local_recorder(&recorder, || {
+        Harness::new(QueueLayer::new(1, 100 * MS).name("api"), 1)
     });
-    let inner = Tracked::default();
-    let h = Harness {
-        books: inner.books.clone(),
-        queue: queue.handle(),
-        limit: limit.handle(),
-        svc: queue.layer(limit.layer(inner)),
-    };
     // The value of the sample that starts with `series`, as rendered.
     let value = |series: &str| -> Option<f64> {
         let text = prometheus.render();

@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tower::Layer;
 
@@ -8,21 +8,25 @@ use crate::metrics_util::DEFAULT_NAME;
 /// Wraps services in [`LoadShed`]; see the [module docs](crate::shed).
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
-    shared: Arc<Shared>,
+    name: String,
+    /// Made on first use, so that `name` registers metrics only once.
+    shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
 impl LoadShedLayer {
     /// A layer that sheds calls while the inner service is not ready.
     pub fn new() -> Self {
         LoadShedLayer {
-            shared: Arc::new(Shared::new(DEFAULT_NAME)),
+            name: DEFAULT_NAME.to_owned(),
+            shared: Arc::default(),
         }
     }
 
     /// Sets the `name` label of this layer's metrics (default `"default"`).
     pub fn name(self, name: impl Into<String>) -> Self {
         LoadShedLayer {
-            shared: Arc::new(Shared::new(&name.into())),
+            name: name.into(),
+            shared: Arc::default(),
         }
     }
 }
@@ -37,6 +41,11 @@ impl<S> Layer<S> for LoadShedLayer {
     type Service = LoadShed<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LoadShed::with_shared(inner, self.shared.clone())
+        LoadShed::with_shared(
+            inner,
+            self.shared
+                .get_or_init(|| Arc::new(Shared::new(&self.name)))
+                .clone(),
+        )
     }
 }

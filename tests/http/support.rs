@@ -33,7 +33,9 @@ pub struct Server {
 
 impl Server {
     pub async fn start(app: Router) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("server failed");
@@ -153,7 +155,9 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: impl header::AsHeaderName) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().expect("ASCII header"))
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header"))
     }
 
     /// The `tower-scale-rejected` marker, if any.
@@ -166,8 +170,8 @@ impl Reply {
     }
 }
 
-/// A response whose body is still arriving, and the connection it came on:
-/// dropping this closes an HTTP/1 connection.
+/// A response whose body is still arriving. Dropping it closes the HTTP/1
+/// connection it came on, or resets its HTTP/2 stream.
 pub struct Streaming {
     pub response: Response<Incoming>,
     conn: Option<JoinHandle<()>>,
@@ -241,7 +245,9 @@ impl Client {
             Some(sender) => {
                 let mut sender = sender.clone();
                 let request = Request::get(uri).body(Empty::new()).unwrap();
-                bounded("h2 ready", sender.ready()).await.expect("h2 connection");
+                bounded("the h2 connection to be ready", sender.ready())
+                    .await
+                    .expect("h2 connection");
                 let response = bounded("the response head", sender.send_request(request))
                     .await
                     .expect("h2 request");
@@ -251,7 +257,7 @@ impl Client {
                 }
             }
             None => {
-                let stream = bounded("connect", TcpStream::connect(self.addr))
+                let stream = bounded("the TCP connection", TcpStream::connect(self.addr))
                     .await
                     .expect("connect");
                 let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
@@ -297,7 +303,7 @@ pub async fn answers(requests: Vec<JoinHandle<Reply>>) -> Vec<Reply> {
 pub async fn bounded<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     tokio::time::timeout(BOUND, fut)
         .await
-        .unwrap_or_else(|_| panic!("no {what} within {BOUND:?}"))
+        .unwrap_or_else(|_| panic!("timed out waiting for {what} ({BOUND:?})"))
 }
 
 /// Polls `condition` until it holds, failing the test after [`BOUND`].
