@@ -27,6 +27,14 @@
 //!   each own a clone of one shared stack and make half the calls (ready +
 //!   call, reusing their clone). The figure is wall time divided by the total
 //!   number of calls, so with perfect scaling it is half the uncontended one.
+//!   The tasks run `tokio::task::unconstrained`: a task making millions of
+//!   calls in one poll would otherwise run out of tokio's cooperative budget,
+//!   and tower's `Buffer::poll_ready` (its channel reservation spends budget)
+//!   would then return `Pending` with room in the channel, which `LoadShed`
+//!   turns into a spurious `Overloaded`. (On this runtime the caller, woken by
+//!   the buffer worker, often runs in the worker's LIFO slot on the worker's
+//!   budget, so yielding every few calls does not avoid it.) Our layers and
+//!   tower's `ConcurrencyLimit` spend no budget on this path.
 //!
 //! Before the timed runs the bench counts heap allocations per call for every
 //! stack (uncontended, reuse and clone + oneshot) and prints them.
@@ -222,7 +230,17 @@ fn for_each_stack(rt: &Runtime, v: &mut impl Visit) {
 
 struct CountAllocations<'a> {
     rt: &'a Runtime,
-    rows: Vec<(String, f64, f64)>,
+    rows: Vec<Row>,
+}
+
+struct Row {
+    name: String,
+    /// Allocations per call, service reused.
+    reuse: f64,
+    /// Allocations per call, service cloned and driven with `oneshot`.
+    clone: f64,
+    service_size: usize,
+    future_size: usize,
 }
 
 impl CountAllocations<'_> {
@@ -255,7 +273,13 @@ impl Visit for CountAllocations<'_> {
                 black_box(call_clone_oneshot(&svc, i).await);
             }
         });
-        self.rows.push((name.to_owned(), reuse, clone));
+        self.rows.push(Row {
+            name: name.to_owned(),
+            reuse,
+            clone,
+            service_size: std::mem::size_of::<S>(),
+            future_size: std::mem::size_of::<S::Future>(),
+        });
     }
 }
 
@@ -267,16 +291,19 @@ fn print_allocations(recorder: &str) {
     };
     for_each_stack(&rt, &mut count);
     println!(
-        "allocations per call ({recorder}, uncontended, {ALLOC_CALLS} calls): \
-         stack: reuse / clone+oneshot"
+        "allocations per call ({recorder}, uncontended, {ALLOC_CALLS} calls), \
+         reuse / clone+oneshot; size of the service and of its response future in bytes:"
     );
-    for (name, reuse, clone) in &count.rows {
-        println!("  {name:<42} {reuse:>6.2} / {clone:>6.2}");
+    for row in &count.rows {
+        println!(
+            "  {:<42} {:>5.2} / {:>5.2}   service {:>4} B, future {:>4} B",
+            row.name, row.reuse, row.clone, row.service_size, row.future_size
+        );
     }
     let line: Vec<String> = count
         .rows
         .iter()
-        .map(|(name, reuse, _)| format!("{name} {reuse:.2}"))
+        .map(|row| format!("{} {:.2}", row.name, row.reuse))
         .collect();
     println!(
         "allocations per call ({recorder}, reuse): {}",
@@ -286,7 +313,7 @@ fn print_allocations(recorder: &str) {
 }
 
 // ---------------------------------------------------------------------------
-// Timed runs.
+// Runtimes.
 
 fn current_thread() -> Runtime {
     Builder::new_current_thread()
@@ -302,6 +329,68 @@ fn two_workers() -> Runtime {
         .build()
         .expect("multi-thread runtime")
 }
+
+// ---------------------------------------------------------------------------
+// Profiling mode.
+
+/// Makes `calls` uncontended reuse calls on the stack called `name` and
+/// nothing else, for `valgrind --tool=callgrind`; see `profile`.
+struct Profile<'a> {
+    rt: &'a Runtime,
+    name: &'a str,
+    calls: u64,
+    found: bool,
+}
+
+impl Visit for Profile<'_> {
+    fn visit<S: Stack>(&mut self, name: &str, mut svc: S) {
+        if name != self.name {
+            return;
+        }
+        self.found = true;
+        let calls = self.calls;
+        self.rt.block_on(async {
+            for i in 0..calls {
+                black_box(call_reuse(&mut svc, black_box(i)).await);
+            }
+        });
+    }
+}
+
+/// With `PER_CALL_PROFILE=<stack>` (a stack name as in the bench ids, e.g.
+/// `ours/ConcurrencyLimit`) the bench runs only `PER_CALL_CALLS` (default
+/// 100000) uncontended reuse calls on that stack, after installing the
+/// Prometheus recorder if `PER_CALL_RECORDER` is set. Instructions per call:
+///
+/// ```text
+/// PER_CALL_PROFILE=ours/ConcurrencyLimit PER_CALL_CALLS=200000 \
+///   valgrind --tool=callgrind --collect-atstart=no \
+///   '--toggle-collect=tokio::runtime::runtime::Runtime::block_on*' \
+///   target/release/deps/per_call-<hash>
+/// ```
+///
+/// then divide the instructions collected by the number of calls.
+fn profile(name: &str) {
+    let calls = std::env::var("PER_CALL_CALLS")
+        .ok()
+        .map_or(100_000, |n| n.parse().expect("PER_CALL_CALLS is a number"));
+    if std::env::var_os("PER_CALL_RECORDER").is_some() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(recorder).expect("no recorder installed before");
+    }
+    let rt = current_thread();
+    let mut run = Profile {
+        rt: &rt,
+        name,
+        calls,
+        found: false,
+    };
+    for_each_stack(&rt, &mut run);
+    assert!(run.found, "no stack called {name:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Timed runs.
 
 struct UncontendedReuse<'g, 'c> {
     group: &'g mut BenchmarkGroup<'c, WallTime>,
@@ -360,11 +449,11 @@ impl Visit for TwoThreads<'_, '_> {
                 let start = Instant::now();
                 let tasks = [iters / 2 + iters % 2, iters / 2].map(|calls| {
                     let mut svc = svc.clone();
-                    rt.spawn(async move {
+                    rt.spawn(tokio::task::unconstrained(async move {
                         for i in 0..calls {
                             black_box(call_reuse(&mut svc, black_box(i)).await);
                         }
-                    })
+                    }))
                 });
                 rt.block_on(async {
                     for task in tasks {
@@ -425,6 +514,10 @@ fn run_groups(c: &mut Criterion, recorder: &str) {
 }
 
 fn main() {
+    if let Ok(name) = std::env::var("PER_CALL_PROFILE") {
+        profile(&name);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     let listing = std::env::args().any(|a| a == "--list");
 

@@ -64,11 +64,12 @@
 //!
 //! # Shared state
 //!
-//! axum applies route layers once per connection. Every layer here creates its
-//! state (the limit, the queue) in its constructor, so every service a layer value
-//! makes, and every clone of it, shares one limit and one queue. tower's own
+//! axum applies route layers once per route, and again for every connection
+//! unless the router's state was applied before serving. The state of every layer
+//! here (the limit, the queue) belongs to the layer value: every service it makes,
+//! and every clone of the layer, shares one limit and one queue. tower's own
 //! `ConcurrencyLimitLayer` creates its semaphore in `Layer::layer` and therefore
-//! limits each connection separately.
+//! limits each route, or each connection, separately.
 //!
 //! # Metrics
 //!

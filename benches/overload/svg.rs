@@ -8,7 +8,12 @@ pub struct Series {
     pub name: String,
     pub color: &'static str,
     pub dash: &'static str,
+    /// Line width; a wide pale line stays visible under curves that coincide.
+    pub width: f64,
+    pub opacity: f64,
     pub values: Vec<Option<f64>>,
+    /// Points drawn hollow (for example: computed from few samples).
+    pub hollow: Vec<bool>,
 }
 
 /// A horizontal reference line with a label.
@@ -19,7 +24,10 @@ pub struct Guide {
 
 pub struct Chart<'a> {
     pub title: &'a str,
-    pub subtitle: &'a str,
+    /// Lines under the title.
+    pub subtitle: &'a [String],
+    /// A note under the legend.
+    pub note: &'a [String],
     pub x_title: &'a str,
     pub y_title: &'a str,
     pub x_labels: &'a [String],
@@ -30,11 +38,11 @@ pub struct Chart<'a> {
     pub guides: &'a [Guide],
 }
 
-const WIDTH: f64 = 760.0;
-const HEIGHT: f64 = 440.0;
+const WIDTH: f64 = 860.0;
+const HEIGHT: f64 = 460.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 250.0;
-const TOP: f64 = 62.0;
+const RIGHT: f64 = 290.0;
+const TOP: f64 = 76.0;
 const BOTTOM: f64 = 62.0;
 
 fn esc(s: &str) -> String {
@@ -66,12 +74,15 @@ impl Chart<'_> {
             WIDTH / 2.0,
             esc(self.title)
         );
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="42" text-anchor="middle" font-size="11" fill="#555">{}</text>"##,
-            WIDTH / 2.0,
-            esc(self.subtitle)
-        );
+        for (i, line) in self.subtitle.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                r##"<text x="{}" y="{}" text-anchor="middle" font-size="11" fill="#555">{}</text>"##,
+                WIDTH / 2.0,
+                42 + 14 * i,
+                esc(line)
+            );
+        }
 
         // Horizontal grid and y tick labels.
         let mut v = 0.0;
@@ -136,8 +147,8 @@ impl Chart<'_> {
             );
             let _ = writeln!(
                 s,
-                r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="#666">{}</text>"##,
-                LEFT + plot_w - 4.0,
+                r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#666">{}</text>"##,
+                LEFT + 4.0,
                 y - 4.0,
                 esc(&guide.label)
             );
@@ -145,32 +156,42 @@ impl Chart<'_> {
 
         // Curves: a polyline per run of consecutive points, then markers.
         for series in self.series {
-            let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+            let mut runs: Vec<Vec<(f64, f64, bool)>> = vec![Vec::new()];
             for (i, value) in series.values.iter().enumerate() {
+                let hollow = series.hollow.get(i).copied().unwrap_or(false);
                 match value {
-                    Some(v) => runs
-                        .last_mut()
-                        .expect("runs is never empty")
-                        .push((x_at(i), y_at(*v))),
+                    Some(v) => runs.last_mut().expect("runs is never empty").push((
+                        x_at(i),
+                        y_at(*v),
+                        hollow,
+                    )),
                     None => runs.push(Vec::new()),
                 }
             }
             for run in runs.iter().filter(|r| r.len() > 1) {
-                let points: Vec<String> =
-                    run.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+                let points: Vec<String> = run
+                    .iter()
+                    .map(|(x, y, _)| format!("{x:.1},{y:.1}"))
+                    .collect();
                 let _ = writeln!(
                     s,
-                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2.2" stroke-dasharray="{}"/>"#,
+                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{}" stroke-opacity="{}" stroke-dasharray="{}"/>"#,
                     points.join(" "),
                     series.color,
+                    series.width,
+                    series.opacity,
                     series.dash
                 );
             }
-            for (x, y) in runs.iter().flatten() {
+            for (x, y, hollow) in runs.iter().flatten() {
+                let (fill, stroke) = if *hollow {
+                    ("white", series.color)
+                } else {
+                    (series.color, "white")
+                };
                 let _ = writeln!(
                     s,
-                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.6" fill="{}" stroke="white" stroke-width="1"/>"#,
-                    series.color
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.8" fill="{fill}" stroke="{stroke}" stroke-width="1.4"/>"#
                 );
             }
         }
@@ -181,9 +202,11 @@ impl Chart<'_> {
             let y = TOP + 10.0 + 22.0 * i as f64;
             let _ = writeln!(
                 s,
-                r#"<line x1="{lx:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-width="2.2" stroke-dasharray="{}"/>"#,
+                r#"<line x1="{lx:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-width="{}" stroke-opacity="{}" stroke-dasharray="{}"/>"#,
                 lx + 26.0,
                 series.color,
+                series.width,
+                series.opacity,
                 series.dash
             );
             let _ = writeln!(
@@ -198,6 +221,15 @@ impl Chart<'_> {
                 lx + 32.0,
                 y + 4.0,
                 esc(&series.name)
+            );
+        }
+        let ny = TOP + 10.0 + 22.0 * self.series.len() as f64 + 10.0;
+        for (i, line) in self.note.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                r##"<text x="{lx:.1}" y="{:.1}" font-size="11" fill="#555">{}</text>"##,
+                ny + 15.0 * i as f64,
+                esc(line)
             );
         }
         s.push_str("</svg>\n");
