@@ -1,8 +1,7 @@
 //! Standing-queue detection for adaptive LIFO, in the manner of CoDel.
 //!
-//! CoDel watches the smallest queueing delay over an interval: if even the best
-//! request of the interval waited longer than the target, the queue is not a
-//! burst that will drain but a standing queue. Serving newest-first changes the
+//! CoDel watches the queueing delay: if it stays above a target for a whole
+//! interval, the queue is not a burst that will drain but a standing queue. Serving newest-first changes the
 //! delays the dispatched requests see, so the delay watched here is that of the
 //! *oldest* waiting request at each dispatch, which does not depend on the order.
 
@@ -15,9 +14,9 @@ pub(crate) struct Codel {
     target: Duration,
     interval: Duration,
     standing: bool,
-    /// Smallest oldest-request age seen in the current interval.
-    min: Option<Duration>,
-    interval_end: Option<Instant>,
+    /// When the oldest request has been older than `target` at every look since
+    /// some moment, the time one interval after that moment.
+    above_until: Option<Instant>,
 }
 
 impl Codel {
@@ -26,8 +25,7 @@ impl Codel {
             target,
             interval,
             standing: false,
-            min: None,
-            interval_end: None,
+            above_until: None,
         }
     }
 
@@ -37,28 +35,26 @@ impl Codel {
 
     /// Records the age of the oldest queued request; returns whether the
     /// standing state changed.
+    ///
+    /// Like CoDel, a timer starts at the first look above the target, and the
+    /// queue stands once every look for a whole interval stayed above it; one
+    /// look at or below the target ends it (the oldest request is fresh, so the
+    /// queue is short and the order hardly matters).
     pub(crate) fn observe(&mut self, oldest_age: Duration, now: Instant) -> bool {
-        self.min = Some(self.min.map_or(oldest_age, |m| m.min(oldest_age)));
-        match self.interval_end {
-            None => {
-                self.interval_end = Some(now + self.interval);
-                false
-            }
-            Some(end) if now >= end => {
-                let standing = self.min.is_some_and(|m| m > self.target);
-                self.min = None;
-                self.interval_end = Some(now + self.interval);
-                std::mem::replace(&mut self.standing, standing) != standing
-            }
-            Some(_) => false,
-        }
+        let standing = if oldest_age <= self.target {
+            self.above_until = None;
+            false
+        } else {
+            let until = *self.above_until.get_or_insert(now + self.interval);
+            self.standing || now >= until
+        };
+        std::mem::replace(&mut self.standing, standing) != standing
     }
 
     /// The queue emptied: whatever stood has drained. Returns whether the
     /// standing state changed.
     pub(crate) fn reset(&mut self) -> bool {
-        self.min = None;
-        self.interval_end = None;
+        self.above_until = None;
         std::mem::replace(&mut self.standing, false)
     }
 }
@@ -97,7 +93,8 @@ mod tests {
         codel.observe(10 * MS, start);
         codel.observe(10 * MS, start + 100 * MS);
         assert!(codel.standing());
-        codel.observe(1 * MS, start + 150 * MS);
+        assert!(!codel.observe(6 * MS, start + 150 * MS));
+        assert!(codel.standing());
         assert!(codel.observe(1 * MS, start + 200 * MS));
         assert!(!codel.standing());
 

@@ -60,15 +60,17 @@
 //! - [`Order::AdaptiveLifo`]: FIFO while the queue drains, newest-first while a
 //!   queue *stands*: when the age of the oldest waiting request stayed above
 //!   `target` (default 5 ms) over a whole `interval` (default 100 ms), in the
-//!   manner of CoDel. Back to FIFO after an interval below the target, or as
-//!   soon as the queue empties.
+//!   manner of CoDel. Back to FIFO as soon as the oldest waiting request is
+//!   younger than the target, or the queue empties.
 //!
 //! # Ordering with other layers
 //!
 //! Put the queue in front of a [`ConcurrencyLimit`](crate::limit): the limit
-//! decides how much runs, the queue how long the rest may wait. In front of the
-//! queue, a [`LoadShed`](crate::shed) turns the backpressure of a full queue into
-//! an immediate [`Overloaded`](crate::error::Overloaded).
+//! decides how much runs, the queue how long the rest may wait. With
+//! [`backpressure`](QueueLayer::backpressure), a [`LoadShed`](crate::shed) in
+//! front turns a full queue into an immediate
+//! [`Overloaded`](crate::error::Overloaded); without it the queue answers
+//! [`QueueFull`] itself and a `LoadShed` in front never sheds.
 //!
 //! # Differences from `tower::buffer`
 //!
