@@ -31,13 +31,18 @@
 //!   calls in one poll would otherwise run out of tokio's cooperative budget,
 //!   and tower's `Buffer::poll_ready` (its channel reservation spends budget)
 //!   would then return `Pending` with room in the channel, which `LoadShed`
-//!   turns into a spurious `Overloaded`. (On this runtime the caller, woken by
-//!   the buffer worker, often runs in the worker's LIFO slot on the worker's
-//!   budget, so yielding every few calls does not avoid it.) Our layers and
-//!   tower's `ConcurrencyLimit` spend no budget on this path.
+//!   turns into a spurious `Overloaded`. (Yielding every 32 calls did not avoid
+//!   it: the caller, woken by the buffer worker, can run in the worker's LIFO
+//!   slot on what is left of the worker's budget.) Our layers and tower's
+//!   `ConcurrencyLimit` spend no budget on this path.
 //!
 //! Before the timed runs the bench counts heap allocations per call for every
-//! stack (uncontended, reuse and clone + oneshot) and prints them.
+//! stack (uncontended, reuse and clone + oneshot) with a counting global
+//! allocator, and prints them with the size of each service and its response
+//! future.
+//!
+//! `PER_CALL_PROFILE=<stack>` runs one stack's calls and nothing else, for
+//! callgrind instruction counts; see [`profile`].
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -46,11 +51,12 @@ use std::future::Ready;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
 use tokio::runtime::{Builder, Runtime};
+use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use tower_scale::limit::ConcurrencyLimitLayer;
@@ -518,7 +524,12 @@ fn main() {
         profile(&name);
         return;
     }
-    let mut c = Criterion::default().configure_from_args();
+    // No plots and fewer bootstrap resamples than the default 100000: the
+    // analysis otherwise takes longer than the measurement on a small machine.
+    let mut c = Criterion::default()
+        .without_plots()
+        .nresamples(20_000)
+        .configure_from_args();
     let listing = std::env::args().any(|a| a == "--list");
 
     // No recorder: metric handles are no-ops.

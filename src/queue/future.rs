@@ -37,8 +37,7 @@ pin_project! {
             inner: S,
             request: Option<Request>,
             ticket: Ticket,
-            #[pin]
-            sleep: Sleep,
+            sleep: Pin<Box<Sleep>>,
         },
         Full,
         Done,
@@ -52,7 +51,12 @@ impl<S: Service<Request>, Request> ResponseFuture<S, Request> {
         }
     }
 
-    pub(crate) fn queued(inner: S, request: Request, ticket: Ticket, sleep: Sleep) -> Self {
+    pub(crate) fn queued(
+        inner: S,
+        request: Request,
+        ticket: Ticket,
+        sleep: Pin<Box<Sleep>>,
+    ) -> Self {
         ResponseFuture {
             state: State::Queued {
                 inner,
@@ -88,7 +92,7 @@ where
                 } => {
                     // The deadline is strict: a request that has waited the whole
                     // timeout is not dispatched, even if its turn came just now.
-                    if sleep.poll(cx).is_ready() {
+                    if sleep.as_mut().poll(cx).is_ready() {
                         if let Some(shared) = ticket.shared() {
                             shared.timed_out.increment(1);
                         }

@@ -34,6 +34,7 @@
 //!
 //! - **Direct when possible.** When nothing is queued and the inner service is
 //!   ready, a call goes straight through: no allocation, no task hop, no timer.
+//!   A request that waits costs one allocation (its timer) and no task hop.
 //! - **Otherwise it queues**, if fewer than `capacity` requests wait; else it
 //!   fails at once with [`QueueFull`]. A queued request that is not dispatched
 //!   within `timeout` fails with [`QueueTimeout`] and never reaches the inner

@@ -133,7 +133,7 @@ where
                 Some(ticket) => {
                     let clone = self.inner.clone();
                     let inner = std::mem::replace(&mut self.inner, clone);
-                    let sleep = tokio::time::sleep(self.shared.config.timeout);
+                    let sleep = Box::pin(tokio::time::sleep(self.shared.config.timeout));
                     ResponseFuture::queued(inner, request, ticket, sleep)
                 }
                 None => {

@@ -75,6 +75,14 @@ struct Shared {
 }
 
 impl Shared {
+    #[cold]
+    #[inline(never)]
+    fn reject<F>(&self) -> ResponseFuture<F> {
+        self.rejected.increment(1);
+        tracing::trace!("inner service not ready; call refused as overloaded");
+        ResponseFuture::overloaded()
+    }
+
     fn new(name: &str) -> Self {
         Shared {
             rejected: crate::metrics_util::rejected(name, crate::metrics_util::Reason::Overloaded),
@@ -141,9 +149,7 @@ where
         if std::mem::take(&mut self.is_ready) {
             ResponseFuture::called(self.inner.call(request))
         } else {
-            self.shared.rejected.increment(1);
-            tracing::trace!("inner service not ready; call refused as overloaded");
-            ResponseFuture::overloaded()
+            self.shared.reject()
         }
     }
 }
