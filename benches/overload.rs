@@ -729,7 +729,7 @@ fn notes(p: &Params, results: &[(f64, Stack, Report)]) -> String {
     );
     let _ = writeln!(
         s,
-        "- With Fifo under overload every admitted request waits about T. AdaptiveLifo serves newest-first once its CoDel detector has seen the oldest waiting request older than the target for an interval; before that (the first one or two intervals of a run) and after the arrival window closes (the queue drains oldest-last), it serves requests that waited longer, which is where its p99 comes from."
+        "- With Fifo under overload every admitted request waits about T. AdaptiveLifo serves newest-first once its CoDel detector has seen the oldest waiting request older than the target for an interval; before that (the first interval of a run) and after the arrival window closes (the queue drains oldest-last), it serves requests that waited longer, which is where its p99 comes from."
     );
     s
 }
