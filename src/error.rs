@@ -90,6 +90,42 @@ impl fmt::Display for QueueTimeout {
 
 impl std::error::Error for QueueTimeout {}
 
+/// The circuit breaker is open (or half open with every probe taken, or forced
+/// open): the call was refused without reaching the inner service.
+pub struct CircuitOpen {
+    retry_after: Option<std::time::Duration>,
+}
+
+impl CircuitOpen {
+    /// Constructs a new `CircuitOpen` error; `retry_after` is the time until the
+    /// breaker lets probes through, if known.
+    pub const fn new(retry_after: Option<std::time::Duration>) -> Self {
+        CircuitOpen { retry_after }
+    }
+
+    /// The time until the breaker next lets probes through; `None` when it is
+    /// forced open or every probe is taken.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
+    }
+}
+
+impl fmt::Debug for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitOpen")
+            .field("retry_after", &self.retry_after)
+            .finish()
+    }
+}
+
+impl fmt::Display for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("circuit breaker open")
+    }
+}
+
+impl std::error::Error for CircuitOpen {}
+
 /// An invalid configuration value, found when a layer was built.
 ///
 /// It names the field, so `try_new` and `build` callers can report exactly what

@@ -10,6 +10,7 @@ pub(crate) enum Reason {
     Overloaded,
     QueueFull,
     QueueTimeout,
+    CircuitOpen,
 }
 
 impl Reason {
@@ -18,6 +19,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::QueueFull => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
+            Reason::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -32,4 +34,13 @@ pub(crate) fn gauge(metric: &'static str, name: &str) -> Gauge {
 
 pub(crate) fn histogram(metric: &'static str, name: &str) -> Histogram {
     metrics::histogram!(metric, "name" => name.to_owned())
+}
+
+pub(crate) fn counter(
+    metric: &'static str,
+    name: &str,
+    label: &'static str,
+    value: &'static str,
+) -> Counter {
+    metrics::counter!(metric, "name" => name.to_owned(), label => value)
 }

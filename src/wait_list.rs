@@ -76,3 +76,12 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+impl WaitList {
+    /// Wakes every parked task (they stay in the list until they leave).
+    pub(crate) fn wake_all(&self) {
+        for (_, waker) in &self.waiters {
+            waker.wake_by_ref();
+        }
+    }
+}

@@ -25,6 +25,18 @@ impl IntoResponse for QueueFull {
     }
 }
 
+impl IntoResponse for crate::error::CircuitOpen {
+    fn into_response(self) -> Response {
+        let mut response = refused("circuit_open");
+        if let Some(after) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, super::retry_after_value(after));
+        }
+        response
+    }
+}
+
 impl IntoResponse for QueueTimeout {
     fn into_response(self) -> Response {
         refused("queue_timeout")
@@ -50,6 +62,9 @@ impl IntoResponse for QueueTimeout {
 /// ```
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub fn into_response(err: crate::BoxError) -> Response {
+    if let Some(open) = super::find::<crate::error::CircuitOpen>(err.as_ref()) {
+        return crate::error::CircuitOpen::new(open.retry_after()).into_response();
+    }
     match Rejection::of(err.as_ref()) {
         Rejection::Refused(reason) => refused(reason),
         rejection => {

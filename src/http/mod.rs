@@ -29,6 +29,7 @@
 //! | error (anywhere in the `source()` chain) | status | headers |
 //! |---|---|---|
 //! | [`Overloaded`], [`QueueFull`], [`QueueTimeout`] | 503 Service Unavailable | `Retry-After`, `tower-scale-rejected: <reason>` |
+//! | [`CircuitOpen`] | 503 Service Unavailable | `Retry-After` from [`CircuitOpen::retry_after`] (the layer's setting when unknown), `tower-scale-rejected: circuit_open` |
 //! | tower's `timeout::error::Elapsed` | 504 Gateway Timeout | |
 //! | anything else | 500 Internal Server Error | |
 //!
@@ -61,10 +62,10 @@ use tower::{Layer, Service};
 
 pub use self::body::{GuardBody, ResponseBody};
 
-use crate::error::{BoxError, Overloaded, QueueFull, QueueTimeout};
+use crate::error::{BoxError, CircuitOpen, Overloaded, QueueFull, QueueTimeout};
 
 /// The header that marks a response refused before any work started; its value
-/// is the reason (`overloaded`, `queue_full`, `queue_timeout`).
+/// is the reason (`overloaded`, `queue_full`, `queue_timeout`, `circuit_open`).
 pub const REJECTED_HEADER: HeaderName = HeaderName::from_static("tower-scale-rejected");
 
 /// What an error means for the client.
@@ -94,6 +95,9 @@ impl Rejection {
             }
             if err.is::<QueueTimeout>() {
                 return Rejection::Refused("queue_timeout");
+            }
+            if err.is::<CircuitOpen>() {
+                return Rejection::Refused("circuit_open");
             }
             if err.is::<tower::timeout::error::Elapsed>() {
                 return Rejection::Timeout;
@@ -164,6 +168,18 @@ impl Default for ErrorResponseLayer {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The first error of type `T` in `err`'s `source()` chain.
+fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
 }
 
 /// Whole seconds, rounded up, at least 1.
@@ -323,7 +339,12 @@ where
     match rejection {
         Rejection::Refused(reason) => {
             tracing::debug!(reason, "request refused before any work started");
-            headers.insert(header::RETRY_AFTER, config.retry_after.clone());
+            let retry_after =
+                match find::<CircuitOpen>(err.as_ref()).and_then(CircuitOpen::retry_after) {
+                    Some(after) => retry_after_value(after),
+                    None => config.retry_after.clone(),
+                };
+            headers.insert(header::RETRY_AFTER, retry_after);
             headers.insert(REJECTED_HEADER, HeaderValue::from_static(reason));
         }
         Rejection::Timeout => tracing::debug!("request timed out"),
