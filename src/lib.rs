@@ -11,6 +11,7 @@
 //! | [`limit`] | [`ConcurrencyLimitLayer`](limit::ConcurrencyLimitLayer) | at most N calls in flight, one limit shared by every service the layer makes |
 //! | [`queue`] | [`QueueLayer`](queue::QueueLayer) | a bounded admission queue with a timeout, FIFO, LIFO or adaptive LIFO |
 //! | [`shed`] | [`LoadShedLayer`](shed::LoadShedLayer) | fail at once with [`Overloaded`](error::Overloaded) when the inner service is not ready |
+//! | [`breaker`] | [`CircuitBreakerLayer`](breaker::CircuitBreakerLayer) | stop calling what keeps failing, probe it, close when it recovers; fail fast, or not-ready inside a balancer |
 //! | `http` | `ErrorResponseLayer` | turns every rejection into an HTTP response (feature `http`) |
 //!
 //! # Example
@@ -39,8 +40,8 @@
 //! # Ordering the layers
 //!
 //! ```text
-//!   request ─▶ ErrorResponse ─▶ LoadShed ─▶ Queue ─▶ ConcurrencyLimit ─▶ app
-//!   response ◀─ 503 / 504 / 500 ◀─ Overloaded ◀─ QueueFull, QueueTimeout
+//!   request ─▶ ErrorResponse ─▶ LoadShed ─▶ Queue ─▶ CircuitBreaker ─▶ Timeout ─▶ ConcurrencyLimit ─▶ app
+//!   response ◀─ 503 / 504 / 500 ◀─ Overloaded ◀─ QueueFull, QueueTimeout ◀─ CircuitOpen ◀─ Elapsed
 //! ```
 //!
 //! - **The limit is innermost.** It decides how much work runs at once; it never
@@ -49,6 +50,10 @@
 //!   for a permit and for how long. A request that cannot be started within the
 //!   queue timeout is answered with [`QueueTimeout`](error::QueueTimeout) and never
 //!   reaches the application, so no work is spent on an answer nobody waits for.
+//! - **The breaker sits between the queue and the limit**, over the timeout, so
+//!   that timeouts count as failures and a request refused by an open breaker
+//!   never takes a permit. While open it answers at once, which also drains the
+//!   queue in front of it.
 //! - **Shedding sits in front of the queue.** With the queue in
 //!   [backpressure mode](queue::QueueLayer::backpressure) a full queue turns
 //!   `poll_ready` Pending, and `LoadShed` turns that into an immediate
