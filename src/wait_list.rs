@@ -54,10 +54,8 @@ impl WaitList {
         self.waiters.pop_front();
     }
 
-    pub(crate) fn wake_front(&self) {
-        if let Some((_, waker)) = self.waiters.front() {
-            waker.wake_by_ref();
-        }
+    pub(crate) fn pop_front_entry(&mut self) -> Option<(u64, Waker)> {
+        self.waiters.pop_front()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -69,8 +67,9 @@ impl WaitList {
     }
 }
 
-/// Locks `mutex`, ignoring poisoning: every critical section in this crate leaves
-/// its data consistent before anything that could panic.
+/// Locks `mutex`, ignoring poisoning: the critical sections in this crate make
+/// their data consistent before calling out, and wakers and logs run after the
+/// lock is released.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
@@ -78,10 +77,34 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl WaitList {
-    /// Wakes every parked task (they stay in the list until they leave).
-    pub(crate) fn wake_all(&self) {
-        for (_, waker) in &self.waiters {
-            waker.wake_by_ref();
+    /// The wakers of every parked task (they stay in the list until they
+    /// leave), to wake once the lock is released.
+    pub(crate) fn wakers(&self) -> Vec<Waker> {
+        self.waiters.iter().map(|(_, w)| w.clone()).collect()
+    }
+}
+
+/// Wakers collected under a lock, woken after it is released (a waker may run
+/// its task inline). Holds a few on the stack; callers loop for more.
+#[derive(Default)]
+pub(crate) struct WakeBatch {
+    wakers: [Option<Waker>; 8],
+    len: usize,
+}
+
+impl WakeBatch {
+    pub(crate) fn is_full(&self) -> bool {
+        self.len == self.wakers.len()
+    }
+
+    pub(crate) fn push(&mut self, waker: Waker) {
+        self.wakers[self.len] = Some(waker);
+        self.len += 1;
+    }
+
+    pub(crate) fn wake(self) {
+        for waker in self.wakers.into_iter().flatten() {
+            waker.wake();
         }
     }
 }

@@ -49,6 +49,41 @@ struct Machine {
     probe_slow: u32,
     denials: u64,
     jitter_seed: u64,
+    /// The state changed or a probe's place freed: wake parked tasks once the
+    /// lock is released (a waker may run its task inline).
+    pending_wake: bool,
+}
+
+struct MachineGuard<'a> {
+    guard: Option<std::sync::MutexGuard<'a, Machine>>,
+    breaker: &'a Breaker,
+}
+
+impl std::ops::Deref for MachineGuard<'_> {
+    type Target = Machine;
+
+    fn deref(&self) -> &Machine {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for MachineGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Machine {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for MachineGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        let wake = std::mem::take(&mut guard.pending_wake);
+        drop(guard);
+        if wake {
+            self.breaker.wake_waiters();
+        }
+    }
 }
 
 const STATE_BITS: u64 = 3;
@@ -106,6 +141,7 @@ impl Breaker {
                 probe_slow: 0,
                 denials: 0,
                 jitter_seed: 0x9e37_79b9_7f4a_7c15,
+                pending_wake: false,
             }),
             waiters: Mutex::new(WaitList::default()),
             waiting: AtomicUsize::new(0),
@@ -163,7 +199,7 @@ impl Breaker {
     #[cold]
     fn admit_slow(self: &Arc<Self>) -> Result<Completion, Refused> {
         let now = Instant::now();
-        let mut m = lock(&self.machine);
+        let mut m = self.lock_machine();
         if m.state == State::Open {
             match m.open_until {
                 // The timer may not have run (no runtime, or not yet polled).
@@ -252,7 +288,7 @@ impl Breaker {
             _ => false,
         };
         let failed = outcome == Outcome::Failure;
-        let mut m = lock(&self.machine);
+        let mut m = self.lock_machine();
         if m.generation != generation {
             return;
         }
@@ -273,8 +309,7 @@ impl Breaker {
                 if outcome == Outcome::Ignored {
                     // The probe told nothing: give its place to another.
                     m.probes_admitted -= 1;
-                    drop(m);
-                    self.wake_waiters();
+                    m.pending_wake = true;
                     return;
                 }
                 m.probes_done += 1;
@@ -371,7 +406,11 @@ impl Breaker {
             let factor = 1.0 + backoff.jitter * (2.0 * unit - 1.0);
             duration = duration.mul_f64(factor);
         }
-        let until = Instant::now() + duration;
+        let now = Instant::now();
+        // A duration too long for the clock means: until reset by hand.
+        let until = now
+            .checked_add(duration)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         m.open_until = Some(until);
         self.transition(m, State::Open, reason);
         // Move to HalfOpen when the time comes, without waiting for a request.
@@ -388,7 +427,7 @@ impl Breaker {
     }
 
     fn open_elapsed(&self, generation: u64) {
-        let mut m = lock(&self.machine);
+        let mut m = self.lock_machine();
         if m.generation == generation && m.state == State::Open {
             self.transition(&mut m, State::HalfOpen, "open duration elapsed");
         }
@@ -445,21 +484,31 @@ impl Breaker {
 
     fn wake_waiters(&self) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            lock(&self.waiters).wake_all();
+            let wakers = lock(&self.waiters).wakers();
+            for waker in wakers {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Locks the state machine; parked tasks are woken after it is unlocked.
+    fn lock_machine(&self) -> MachineGuard<'_> {
+        MachineGuard {
+            guard: Some(lock(&self.machine)),
+            breaker: self,
         }
     }
 
     pub(crate) fn set(&self, to: State, reason: &str) {
-        let mut m = lock(&self.machine);
+        let mut m = self.lock_machine();
         self.transition(&mut m, to, reason);
     }
 
     fn release_probe(&self, generation: u64) {
-        let mut m = lock(&self.machine);
+        let mut m = self.lock_machine();
         if m.generation == generation && m.state == State::HalfOpen {
             m.probes_admitted -= 1;
-            drop(m);
-            self.wake_waiters();
+            m.pending_wake = true;
         }
     }
 }

@@ -186,7 +186,7 @@ fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<
 fn retry_after_value(after: Duration) -> HeaderValue {
     let mut secs = after.as_secs();
     if after.subsec_nanos() > 0 {
-        secs += 1;
+        secs = secs.saturating_add(1);
     }
     HeaderValue::from(secs.max(1))
 }

@@ -12,14 +12,39 @@ use std::task::{Context, Poll};
 use metrics::Gauge;
 
 use crate::metrics_util;
-use crate::wait_list::{lock, WaitList};
+use crate::wait_list::{lock, WaitList, WakeBatch};
+
+/// Parked waiters, and those a releaser already took a permit for.
+#[derive(Debug, Default)]
+struct Waiters {
+    list: WaitList,
+    granted: Vec<u64>,
+}
+
+impl Waiters {
+    /// Takes free permits for the waiters at the front, in order, and collects
+    /// their wakers; true if the batch filled up and more may be granted.
+    ///
+    /// Handing the permit over (rather than waking the front waiter to take
+    /// it) means a waiter that stops polling pins at most the one permit taken
+    /// for it, and gives it back when dropped; it cannot hold up the others.
+    fn grant(&mut self, limiter: &Limiter, batch: &mut WakeBatch) -> bool {
+        while !batch.is_full() && !self.list.is_empty() && limiter.try_take() {
+            let (id, waker) = self.list.pop_front_entry().expect("not empty");
+            self.granted.push(id);
+            limiter.waiting.store(self.list.len(), SeqCst);
+            batch.push(waker);
+        }
+        batch.is_full() && !self.list.is_empty()
+    }
+}
 
 pub(crate) struct Limiter {
     in_flight: AtomicUsize,
     limit: AtomicUsize,
     /// Length of `waiters`, readable without the lock.
     waiting: AtomicUsize,
-    waiters: Mutex<WaitList>,
+    waiters: Mutex<Waiters>,
     name: String,
     in_flight_gauge: Gauge,
     limit_gauge: Gauge,
@@ -33,7 +58,7 @@ impl Limiter {
             in_flight: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             waiting: AtomicUsize::new(0),
-            waiters: Mutex::new(WaitList::default()),
+            waiters: Mutex::new(Waiters::default()),
             name: name.to_owned(),
             in_flight_gauge: metrics_util::gauge("tower_scale_in_flight", name),
             limit_gauge,
@@ -84,10 +109,6 @@ impl Limiter {
         }
     }
 
-    fn has_room(&self) -> bool {
-        self.in_flight.load(SeqCst) < self.limit.load(SeqCst)
-    }
-
     fn release(&self) {
         self.in_flight.fetch_sub(1, SeqCst);
         self.in_flight_gauge.decrement(1.0);
@@ -98,7 +119,19 @@ impl Limiter {
         // Pairs with the `waiting` store in `poll_acquire`: either this load sees
         // the new waiter, or the waiter's `try_take` sees the freed slot.
         if self.waiting.load(SeqCst) > 0 {
-            lock(&self.waiters).wake_front();
+            self.grant();
+        }
+    }
+
+    /// Grants free permits to waiters, waking them outside the lock.
+    fn grant(&self) {
+        loop {
+            let mut batch = WakeBatch::default();
+            let more = lock(&self.waiters).grant(self, &mut batch);
+            batch.wake();
+            if !more {
+                return;
+            }
         }
     }
 }
@@ -143,23 +176,31 @@ impl Acquire {
             return Poll::Ready(Permit::new(limiter.clone()));
         }
 
-        let mut waiters = lock(&limiter.waiters);
+        let mut guard = lock(&limiter.waiters);
+        let w = &mut *guard;
+        if let Some(id) = self.waiter {
+            if let Some(pos) = w.granted.iter().position(|g| *g == id) {
+                w.granted.swap_remove(pos);
+                self.waiter = None;
+                return Poll::Ready(Permit::new(limiter.clone()));
+            }
+        }
         let id = match self.waiter {
-            Some(id) if waiters.update(id, cx.waker()) => id,
+            Some(id) if w.list.update(id, cx.waker()) => id,
             _ => {
-                let id = waiters.push(cx.waker());
-                limiter.waiting.store(waiters.len(), SeqCst);
+                let id = w.list.push(cx.waker());
+                limiter.waiting.store(w.list.len(), SeqCst);
                 self.waiter = Some(id);
                 id
             }
         };
-        if waiters.is_front(id) && limiter.try_take() {
-            waiters.pop_front();
-            limiter.waiting.store(waiters.len(), SeqCst);
+        if w.list.is_front(id) && limiter.try_take() {
+            w.list.pop_front();
+            limiter.waiting.store(w.list.len(), SeqCst);
             self.waiter = None;
-            if !waiters.is_empty() && limiter.has_room() {
-                waiters.wake_front();
-            }
+            drop(guard);
+            // Room for more than this one: pass it on.
+            limiter.grant();
             return Poll::Ready(Permit::new(limiter.clone()));
         }
         Poll::Pending
@@ -175,13 +216,19 @@ impl Clone for Acquire {
 impl Drop for Acquire {
     fn drop(&mut self) {
         if let Some(id) = self.waiter.take() {
-            let mut waiters = lock(&self.limiter.waiters);
-            let was_front = waiters.remove(id);
-            self.limiter.waiting.store(waiters.len(), SeqCst);
-            // A woken front waiter that leaves passes its turn on.
-            if was_front && !waiters.is_empty() && self.limiter.has_room() {
-                waiters.wake_front();
+            let mut guard = lock(&self.limiter.waiters);
+            let w = &mut *guard;
+            if let Some(pos) = w.granted.iter().position(|g| *g == id) {
+                // A permit was taken for us: give it back (and on to the next).
+                w.granted.swap_remove(pos);
+                drop(guard);
+                drop(Permit::new(self.limiter.clone()));
+                return;
             }
+            w.list.remove(id);
+            self.limiter.waiting.store(w.list.len(), SeqCst);
+            drop(guard);
+            self.limiter.grant();
         }
     }
 }

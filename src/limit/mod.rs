@@ -39,7 +39,10 @@
 //! dropped. The layer never rejects: to bound the wait, put a
 //! [`Queue`](crate::queue) (bounded, with a timeout) or a
 //! [`LoadShed`](crate::shed) in front of it. Waiters are served first come,
-//! first served.
+//! first served: a freed permit is handed to the first waiter and the waiter
+//! woken, so a service that stops polling after a Pending `poll_ready` (a
+//! timeout around `ready()`, a `LoadShed` in front) pins at most the one permit
+//! handed to it, until it is polled again or dropped, and holds up no one else.
 //!
 //! With feature `http`, [`ConcurrencyLimitLayer::release_on_body_end`] keeps the
 //! permit until the response body has ended, errored or been dropped, so that a
@@ -57,7 +60,8 @@
 //!   `GlobalConcurrencyLimitLayer`.
 //! - **Cheaper.** Taking a permit is one compare-and-swap and giving it back is
 //!   one atomic decrement; tower's semaphore takes a mutex on every release. No
-//!   allocation per call, nor while waiting.
+//!   allocation per call; a waiter takes a place in a shared list (which grows
+//!   to the largest number of waiters) and a clone of its waker.
 //! - **Observable** through [`LimitHandle`] and the metrics below, and the
 //!   release point is a policy ([`OnResponse`], or `OnBodyEnd` for HTTP).
 //! - The error type stays the inner service's, so it is a drop-in replacement.

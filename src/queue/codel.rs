@@ -45,7 +45,10 @@ impl Codel {
             self.above_until = None;
             false
         } else {
-            let until = *self.above_until.get_or_insert(now + self.interval);
+            let until = *self.above_until.get_or_insert(
+                now.checked_add(self.interval)
+                    .unwrap_or(now + Duration::from_secs(86400 * 365 * 30)),
+            );
             self.standing || now >= until
         };
         std::mem::replace(&mut self.standing, standing) != standing

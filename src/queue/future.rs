@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::shared::{Leave, Ticket};
+use super::shared::{Leave, Ticket, Turn};
 use crate::error::{BoxError, QueueFull, QueueTimeout};
 
 pin_project! {
@@ -91,17 +91,28 @@ where
                     sleep,
                 } => {
                     // The deadline is strict: a request that has waited the whole
-                    // timeout is not dispatched, even if its turn came just now.
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        if let Some(shared) = ticket.shared() {
-                            shared.timed_out.increment(1);
+                    // timeout is not dispatched, even if its turn came just now,
+                    // and even if a busy runtime has not fired the timer yet.
+                    let expired = sleep.as_mut().poll(cx).is_ready()
+                        || tokio::time::Instant::now() >= sleep.deadline();
+                    let turn = if expired {
+                        Turn::Expired
+                    } else {
+                        ticket.poll_turn(cx)
+                    };
+                    match turn {
+                        Turn::Go => {}
+                        Turn::Wait => return Poll::Pending,
+                        Turn::Expired => {
+                            if let Some(shared) = ticket.shared() {
+                                shared.timed_out.increment(1);
+                            }
+                            tracing::trace!("request timed out in the admission queue");
+                            ticket.leave(Leave::TimedOut);
+                            state.set(State::Done);
+                            return Poll::Ready(Err(QueueTimeout::new().into()));
                         }
-                        tracing::trace!("request timed out in the admission queue");
-                        ticket.leave(Leave::TimedOut);
-                        state.set(State::Done);
-                        return Poll::Ready(Err(QueueTimeout::new().into()));
                     }
-                    ready!(ticket.poll_turn(cx));
                     if let Err(err) = ready!(inner.poll_ready(cx)) {
                         ticket.leave(Leave::Cancelled);
                         state.set(State::Done);

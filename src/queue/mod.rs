@@ -34,7 +34,8 @@
 //!
 //! - **Direct when possible.** When nothing is queued and the inner service is
 //!   ready, a call goes straight through: no allocation, no task hop, no timer.
-//!   A request that waits costs one allocation (its timer) and no task hop.
+//!   A request that waits costs its timer (one allocation) and a clone of the
+//!   inner service, and no task hop.
 //! - **Otherwise it queues**, if fewer than `capacity` requests wait; else it
 //!   fails at once with [`QueueFull`]. A queued request that is not dispatched
 //!   within `timeout` fails with [`QueueTimeout`] and never reaches the inner
@@ -78,14 +79,17 @@
 //! tower's `Buffer` also bounds a queue, but sends every request through a worker
 //! task (a task hop and a channel per call, even when the service is idle), has
 //! no timeout (a request waits until the inner service takes it, however stale),
-//! keeps dispatching requests whose callers gave up, and is always FIFO. It also
-//! exists to make a service `Clone`; this queue needs a `Clone` inner service.
+//! and is always FIFO. It also exists to make a service `Clone`; this queue needs
+//! a `Clone` inner service.
 //!
 //! # Cancel safety
 //!
 //! Dropping a [`ResponseFuture`](future::ResponseFuture) while it waits removes
 //! the request from the queue and passes its turn on; after dispatch, dropping it
-//! drops the inner service's future.
+//! drops the inner service's future. A queued future that is kept but no longer
+//! polled keeps its place, and its turn if it has it, until its timeout passes;
+//! then the queue drops it (checked whenever another request arrives or is
+//! polled), and the future answers [`QueueTimeout`] if it is ever polled.
 //!
 //! # Metrics
 //!

@@ -53,6 +53,28 @@ struct Entry {
     waker: Option<Waker>,
 }
 
+/// A waker to call once the lock is released.
+struct Wake(Option<Waker>);
+
+impl Wake {
+    fn wake(self) {
+        if let Some(waker) = self.0 {
+            waker.wake();
+        }
+    }
+}
+
+/// What a queued entry may do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Poll the inner service: it is this entry's turn.
+    Go,
+    /// Wait: another entry has the turn.
+    Wait,
+    /// The entry's timeout passed and the queue dropped it.
+    Expired,
+}
+
 /// How an entry leaves the queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Leave {
@@ -105,8 +127,13 @@ impl Shared {
 
     /// Takes a place in the queue, or `None` if it is full.
     pub(crate) fn enqueue(self: &Arc<Self>) -> Option<Ticket> {
+        let now = Instant::now();
         let mut state = lock(&self.state);
+        let wake = self.expire(&mut state, now);
         if state.entries.len() >= self.config.capacity {
+            self.set_len(state.entries.len());
+            drop(state);
+            wake.wake();
             return None;
         }
         let id = state.next_id;
@@ -120,6 +147,8 @@ impl Shared {
             state.head = Some(id);
         }
         self.set_len(state.entries.len());
+        drop(state);
+        wake.wake();
         Some(Ticket {
             shared: Some(self.clone()),
             id,
@@ -127,18 +156,62 @@ impl Shared {
     }
 
     /// Whether it is `id`'s turn to poll its inner service; if not, parks `cx`.
-    fn poll_turn(&self, id: u64, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_turn(&self, id: u64, cx: &mut Context<'_>) -> Turn {
+        let now = Instant::now();
         let mut state = lock(&self.state);
-        if state.head == Some(id) {
-            return Poll::Ready(());
-        }
-        if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
+        let wake = self.expire(&mut state, now);
+        let turn = if state.head == Some(id) {
+            Turn::Go
+        } else if let Some(entry) = state.entries.iter_mut().find(|e| e.id == id) {
             match &mut entry.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 slot => *slot = Some(cx.waker().clone()),
             }
+            Turn::Wait
+        } else {
+            Turn::Expired
+        };
+        self.set_len(state.entries.len());
+        drop(state);
+        wake.wake();
+        turn
+    }
+
+    /// Drops the entries whose timeout has passed (a prefix: all wait the same
+    /// timeout), even if their futures are not polled, so that a caller that
+    /// holds its future without polling it cannot hold up the queue. If the
+    /// turn was theirs, it passes on; the returned waker is the new head's.
+    fn expire(&self, state: &mut State, now: Instant) -> Wake {
+        let timeout = self.config.timeout;
+        let mut expired_head = false;
+        while let Some(front) = state.entries.front() {
+            let expired = front
+                .enqueued
+                .checked_add(timeout)
+                .is_some_and(|deadline| now >= deadline);
+            if !expired {
+                break;
+            }
+            expired_head |= state.head == Some(front.id);
+            state.entries.pop_front();
         }
-        Poll::Pending
+        if expired_head || (state.head.is_none() && !state.entries.is_empty()) {
+            return self.pass_turn(state);
+        }
+        Wake(None)
+    }
+
+    /// Gives the turn to the entry the order picks; returns its waker.
+    fn pass_turn(&self, state: &mut State) -> Wake {
+        state.head = select(&state.entries, state.codel.as_ref(), self.config.order);
+        let next = state.head;
+        Wake(next.and_then(|next| {
+            state
+                .entries
+                .iter()
+                .find(|e| e.id == next)
+                .and_then(|e| e.waker.clone())
+        }))
     }
 
     fn leave(&self, id: u64, how: Leave) {
@@ -147,59 +220,56 @@ impl Shared {
         let Some(pos) = state.entries.iter().position(|e| e.id == id) else {
             return;
         };
-        let oldest = state.entries.front().map(|e| e.enqueued).unwrap_or(now);
+        // First make the state whole again; metrics and logs come after the
+        // lock is released, so nothing that could panic runs in between.
+        let oldest = state.entries.front().map_or(now, |e| e.enqueued);
         let entry = state.entries.remove(pos).expect("position is in range");
+        let empty = state.entries.is_empty();
+        let changed = match &mut state.codel {
+            Some(codel) if empty => codel.reset(),
+            Some(_) if how == Leave::Cancelled => false,
+            Some(codel) => codel.observe(now.saturating_duration_since(oldest), now),
+            None => false,
+        };
+        let standing = state.codel.as_ref().is_some_and(Codel::standing);
+        let wake = if state.head == Some(id) {
+            self.pass_turn(&mut state)
+        } else {
+            Wake(None)
+        };
+        let len = state.entries.len();
+        self.set_len(len);
+        drop(state);
+
+        wake.wake();
+        self.wake_space();
         if how == Leave::Dispatched {
             self.wait
                 .record(now.saturating_duration_since(entry.enqueued).as_secs_f64());
         }
-        let State {
-            entries,
-            head,
-            codel,
-            ..
-        } = &mut *state;
-        if let Some(codel) = codel {
-            let changed = if entries.is_empty() {
-                codel.reset()
-            } else if how == Leave::Cancelled {
-                false
-            } else {
-                codel.observe(now.saturating_duration_since(oldest), now)
-            };
-            if changed {
-                tracing::debug!(
-                    queue = %self.config.name,
-                    standing = codel.standing(),
-                    depth = entries.len(),
-                    "adaptive LIFO: {}",
-                    if codel.standing() {
-                        "standing queue, serving newest first"
-                    } else {
-                        "queue drained, serving oldest first"
-                    }
-                );
-            }
+        if changed {
+            tracing::debug!(
+                queue = %self.config.name,
+                standing,
+                depth = len,
+                "adaptive LIFO: {}",
+                if standing {
+                    "standing queue, serving newest first"
+                } else {
+                    "queue drained, serving oldest first"
+                }
+            );
         }
-        let mut wake = None;
-        if *head == Some(id) {
-            *head = select(entries, codel.as_ref(), self.config.order);
-            if let Some(next) = *head {
-                wake = entries
-                    .iter()
-                    .find(|e| e.id == next)
-                    .and_then(|e| e.waker.clone());
-            }
-        }
-        let len = entries.len();
-        self.set_len(len);
-        drop(state);
+    }
 
-        if let Some(waker) = wake {
-            waker.wake();
-        }
+    /// Wakes every service parked for room (backpressure); each checks again,
+    /// so one that stopped polling cannot keep the others parked.
+    fn wake_space(&self) {
         if self.space_waiting.load(SeqCst) > 0 {
-            lock(&self.space).wake_front();
+            let wakers = lock(&self.space).wakers();
+            for waker in wakers {
+                waker.wake();
+            }
         }
     }
 
@@ -230,19 +300,13 @@ impl Shared {
         space.remove(id);
         self.space_waiting.store(space.len(), SeqCst);
         *waiter = None;
-        if !space.is_empty() && !self.is_full() {
-            space.wake_front();
-        }
         Poll::Ready(())
     }
 
     pub(crate) fn cancel_space_wait(&self, id: u64) {
         let mut space = lock(&self.space);
-        let was_front = space.remove(id);
+        space.remove(id);
         self.space_waiting.store(space.len(), SeqCst);
-        if was_front && !space.is_empty() && !self.is_full() {
-            space.wake_front();
-        }
     }
 }
 
@@ -283,10 +347,10 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    pub(crate) fn poll_turn(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_turn(&self, cx: &mut Context<'_>) -> Turn {
         match &self.shared {
             Some(shared) => shared.poll_turn(self.id, cx),
-            None => Poll::Ready(()),
+            None => Turn::Go,
         }
     }
 

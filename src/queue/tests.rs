@@ -394,6 +394,13 @@ fn check_invariants(ops: Vec<Op>, limit: usize, capacity: usize, order: Order) {
             assert!(lh.in_flight() <= limit);
             assert!(books.active() <= limit);
             assert!(qh.depth() <= capacity);
+            // Work-conserving: nothing waits in the queue while a permit is free.
+            assert!(
+                qh.depth() == 0 || lh.in_flight() == limit,
+                "{} queued with {} of {limit} permits taken",
+                qh.depth(),
+                lh.in_flight()
+            );
             for waited in waits.lock().unwrap().iter() {
                 assert!(*waited < TIMEOUT, "dispatched after waiting {waited:?}");
             }

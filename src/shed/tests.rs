@@ -52,10 +52,13 @@ async fn sheds_exactly_while_the_limit_is_full() {
         assert_ready_ok!(svc.poll_ready());
         calls.push(tokio::spawn(svc.call(id)));
     }
-    for call in calls.drain(..2) {
-        assert!(!call.is_finished());
-    }
     tokio::task::yield_now().await;
+    for call in calls.drain(..2) {
+        assert!(
+            !call.is_finished(),
+            "the two admitted calls are still running"
+        );
+    }
     for call in calls {
         let err = call.await.unwrap().unwrap_err();
         assert!(err.is::<Overloaded>());
