@@ -538,6 +538,14 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
+    /// Whether the breaker is still in the state (generation) that admitted
+    /// this call.
+    pub(crate) fn is_current(&self) -> bool {
+        self.breaker.as_ref().is_some_and(|breaker| {
+            decode(breaker.word.load(Ordering::Acquire)).1 == self.generation
+        })
+    }
+
     pub(crate) fn into_call(self) -> Call {
         Call { inner: self }
     }

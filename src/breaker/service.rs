@@ -76,9 +76,16 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let breaker = &self.parked.breaker;
-        if !breaker.fail_fast && self.admitted.is_none() {
-            let admitted = ready!(breaker.poll_admit(&mut self.parked.id, cx));
-            self.admitted = Some(admitted);
+        if !breaker.fail_fast {
+            // An admission from before a transition (the breaker tripped or
+            // was forced open since) is stale: ask again.
+            if self.admitted.as_ref().is_some_and(|a| !a.is_current()) {
+                self.admitted = None;
+            }
+            if self.admitted.is_none() {
+                let admitted = ready!(breaker.poll_admit(&mut self.parked.id, cx));
+                self.admitted = Some(admitted);
+            }
         }
         self.inner.poll_ready(cx).map_err(Into::into)
     }

@@ -404,6 +404,24 @@ async fn not_ready_mode_is_pending_while_open_never_errors_and_wakes_at_half_ope
     assert_eq!(handle.state(), State::Closed);
 }
 
+#[tokio::test(start_paused = true)]
+async fn not_ready_mode_takes_back_an_admission_made_before_a_trip() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = CircuitBreakerLayer::new(config().build().unwrap()).not_ready();
+    let handle = layer.handle();
+    let mut ready = mock::Spawn::new(layer.layer(inner(calls.clone())));
+    assert_ready_ok!(ready.poll_ready());
+    handle.force_open();
+    // Ready before, but the breaker admits nothing now: poll_ready says so
+    // again just before dispatch (as tower's ReadyCache does).
+    assert_pending!(ready.poll_ready());
+    handle.reset();
+    assert!(ready.is_woken());
+    assert_ready_ok!(ready.poll_ready());
+    ready.call(OK).await.unwrap();
+    assert_eq!(calls.load(SeqCst), 1);
+}
+
 #[test]
 fn bad_configuration_is_refused_naming_the_field() {
     let field = |b: BreakerConfigBuilder| b.build().unwrap_err().field();
