@@ -93,6 +93,22 @@ impl GrpcStatus {
         }
     }
 
+    /// Exactly these codes are failures (feature `tonic`).
+    ///
+    /// ```
+    /// use tonic::Code;
+    /// use tower_scale::breaker::GrpcStatus;
+    ///
+    /// let classify = GrpcStatus::with_codes([Code::Unavailable, Code::Internal]);
+    /// # let _ = classify;
+    /// ```
+    #[cfg(feature = "tonic")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+    pub fn with_codes(codes: impl IntoIterator<Item = tonic::Code>) -> Self {
+        let codes: Vec<u32> = codes.into_iter().map(|c| c as u32).collect();
+        Self::with_failure_codes(&codes)
+    }
+
     fn outcome_of(&self, headers: &HeaderMap) -> Option<Outcome> {
         let code = headers.get("grpc-status")?;
         let code: u32 = code.to_str().ok()?.trim().parse().unwrap_or(UNKNOWN);

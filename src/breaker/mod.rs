@@ -93,9 +93,11 @@
 //! feature `http`, [`HttpStatus`] (5xx and errors are failures, 4xx successes,
 //! configurable; decided on the status, without touching the body) and
 //! [`GrpcStatus`] (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED, UNKNOWN and
-//! RESOURCE_EXHAUSTED are failures, configurable; decided from the headers of a
-//! Trailers-Only response, else at the end of the body where the status
-//! travels in trailers).
+//! RESOURCE_EXHAUSTED are failures, configurable by number, or with feature
+//! `tonic` by `tonic::Code`; decided from the headers of a Trailers-Only
+//! response, else at the end of the body where the status travels in
+//! trailers). The gRPC classifier needs only the `grpc-status` header, so it
+//! lives under `http` and works for any gRPC stack, tonic or not.
 //!
 //! # Metrics
 //!

@@ -604,4 +604,18 @@ mod http {
         // 7.5 s to go, rounded up.
         assert_eq!(response.headers()[::http::header::RETRY_AFTER], "8");
     }
+
+    #[cfg(feature = "tonic")]
+    #[tokio::test(start_paused = true)]
+    async fn grpc_failure_codes_can_be_named_with_tonic() {
+        let layer = layer().classify(GrpcStatus::with_codes([tonic::Code::NotFound]));
+        let handle = layer.handle();
+        let svc = layer.layer(service_fn(|code: u32| async move {
+            Ok::<_, Infallible>(grpc_response(Some(code), None))
+        }));
+        svc.clone().oneshot(14).await.unwrap();
+        assert_eq!(handle.failure_rate(), 0.0, "UNAVAILABLE is not named");
+        svc.clone().oneshot(5).await.unwrap();
+        assert_eq!(handle.failure_rate(), 0.5, "NOT_FOUND is");
+    }
 }
