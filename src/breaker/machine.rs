@@ -303,7 +303,16 @@ impl Breaker {
                 } else {
                     0
                 };
-                self.judge_closed(&mut m, now);
+                // A quick success cannot raise a rate, so it needs judging only
+                // when it brings the window to `minimum_calls` (a time window
+                // may also have let old outcomes go, so it is always judged).
+                let judge = failed
+                    || slow
+                    || now.is_some()
+                    || m.window.totals(None).calls == self.config.minimum_calls;
+                if judge {
+                    self.judge_closed(&mut m, now);
+                }
             }
             State::HalfOpen if probe => {
                 if outcome == Outcome::Ignored {

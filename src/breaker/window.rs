@@ -97,7 +97,10 @@ impl Outcomes {
                 }
                 ring[*next] =
                     FILLED | if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
-                *next = (*next + 1) % ring.len();
+                *next += 1;
+                if *next == ring.len() {
+                    *next = 0;
+                }
                 totals.calls += 1;
                 totals.failures += u32::from(failed);
                 totals.slow += u32::from(slow);
