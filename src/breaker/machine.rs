@@ -287,8 +287,27 @@ impl Breaker {
             }
             _ => false,
         };
+        let wake = {
+            let mut m = lock(&self.machine);
+            self.record_locked(&mut m, generation, probe, outcome, slow, now);
+            std::mem::take(&mut m.pending_wake)
+        };
+        if wake {
+            self.wake_waiters();
+        }
+    }
+
+    #[inline]
+    fn record_locked(
+        self: &Arc<Self>,
+        m: &mut Machine,
+        generation: u64,
+        probe: bool,
+        outcome: Outcome,
+        slow: bool,
+        now: Option<Instant>,
+    ) {
         let failed = outcome == Outcome::Failure;
-        let mut m = self.lock_machine();
         if m.generation != generation {
             return;
         }
@@ -297,21 +316,20 @@ impl Breaker {
                 if outcome == Outcome::Ignored {
                     return;
                 }
+                // Once a count window holds `minimum_calls`, a success that is
+                // not slow cannot raise either rate: no need to judge it
+                // (unless a budget denied a trip: it is asked again).
+                let settled = self.budget.is_none()
+                    && matches!(m.window, Outcomes::Count { .. })
+                    && m.window.totals(None).calls >= self.config.minimum_calls;
                 m.window.record(failed, slow, now);
                 m.consecutive_failures = if failed {
                     m.consecutive_failures + 1
                 } else {
                     0
                 };
-                // A quick success cannot raise a rate, so it needs judging only
-                // when it brings the window to `minimum_calls` (a time window
-                // may also have let old outcomes go, so it is always judged).
-                let judge = failed
-                    || slow
-                    || now.is_some()
-                    || m.window.totals(None).calls == self.config.minimum_calls;
-                if judge {
-                    self.judge_closed(&mut m, now);
+                if failed || slow || !settled {
+                    self.judge_closed(m, now);
                 }
             }
             State::HalfOpen if probe => {
@@ -324,7 +342,7 @@ impl Breaker {
                 m.probes_done += 1;
                 m.probe_failures += u32::from(failed);
                 m.probe_slow += u32::from(slow);
-                self.judge_half_open(&mut m);
+                self.judge_half_open(m);
             }
             _ => {}
         }

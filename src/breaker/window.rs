@@ -86,6 +86,7 @@ impl Outcomes {
         matches!(self, Outcomes::Time { .. })
     }
 
+    #[inline]
     pub(crate) fn record(&mut self, failed: bool, slow: bool, now: Option<Instant>) {
         match self {
             Outcomes::Count { ring, next, totals } => {
@@ -127,6 +128,7 @@ impl Outcomes {
         }
     }
 
+    #[inline]
     pub(crate) fn totals(&self, now: Option<Instant>) -> Totals {
         match self {
             Outcomes::Count { totals, .. } => *totals,
