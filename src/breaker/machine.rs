@@ -28,6 +28,13 @@ pub(crate) struct Breaker {
     tx: watch::Sender<State>,
     budget: Option<Arc<dyn EjectionBudget>>,
     timed_start: bool,
+    /// Quick successes recorded without the lock: `generation as u32` in the
+    /// high half, a count in the low half; folded into the window under the
+    /// lock before anything reads it.
+    pending: AtomicU64,
+    /// Whether a quick success may take the lock-free path: Closed, a count
+    /// window already holding `minimum_calls`, no ejection budget.
+    settled: std::sync::atomic::AtomicBool,
     state_gauge: Gauge,
     calls: [Counter; 3],
     pub(crate) rejected: Counter,
@@ -148,6 +155,8 @@ impl Breaker {
             tx: watch::Sender::new(State::Closed),
             budget,
             timed_start: config.slow_call_duration.is_some(),
+            pending: AtomicU64::new(0),
+            settled: std::sync::atomic::AtomicBool::new(false),
             state_gauge,
             calls: [outcome("success"), outcome("failure"), outcome("ignored")],
             rejected: metrics_util::rejected(name, Reason::CircuitOpen),
@@ -175,9 +184,49 @@ impl Breaker {
     }
 
     pub(crate) fn totals(&self) -> Totals {
-        let machine = lock(&self.machine);
+        let mut machine = lock(&self.machine);
+        self.fold(&mut machine);
         let now = machine.window.needs_clock().then(Instant::now);
         machine.window.totals(now)
+    }
+
+    /// Moves the quick successes recorded without the lock into the window.
+    fn fold(&self, m: &mut Machine) {
+        let tag = u64::from(m.generation as u32);
+        let pending = self.pending.swap(tag << 32, Ordering::AcqRel);
+        if pending >> 32 == tag {
+            let successes = pending & u64::from(u32::MAX);
+            if successes > 0 {
+                m.window.record_successes(successes);
+                m.consecutive_failures = 0;
+            }
+        }
+    }
+
+    /// The lock-free path for a quick success once the window is settled: a
+    /// success that is not slow cannot raise a rate, so it needs no judging,
+    /// only counting. False if the call must take the lock.
+    #[inline]
+    fn record_quick_success(&self, generation: u64) -> bool {
+        if !self.settled.load(Ordering::Acquire) {
+            return false;
+        }
+        let tag = u64::from(generation as u32);
+        let mut current = self.pending.load(Ordering::Acquire);
+        loop {
+            if current >> 32 != tag || current & u64::from(u32::MAX) >= u64::from(u32::MAX - 1) {
+                return false;
+            }
+            match self.pending.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
     }
 
     /// Admits a call, or says why not. The Closed path reads one atomic (and the
@@ -287,6 +336,9 @@ impl Breaker {
             }
             _ => false,
         };
+        if outcome == Outcome::Success && !slow && !probe && self.record_quick_success(generation) {
+            return;
+        }
         let wake = {
             let mut m = lock(&self.machine);
             self.record_locked(&mut m, generation, probe, outcome, slow, now);
@@ -308,6 +360,7 @@ impl Breaker {
         now: Option<Instant>,
     ) {
         let failed = outcome == Outcome::Failure;
+        self.fold(m);
         if m.generation != generation {
             return;
         }
@@ -331,6 +384,11 @@ impl Breaker {
                 if failed || slow || !settled {
                     self.judge_closed(m, now);
                 }
+                let settled = m.state == State::Closed
+                    && self.budget.is_none()
+                    && matches!(m.window, Outcomes::Count { .. })
+                    && m.window.totals(None).calls >= self.config.minimum_calls;
+                self.settled.store(settled, Ordering::Release);
             }
             State::HalfOpen if probe => {
                 if outcome == Outcome::Ignored {
@@ -488,6 +546,10 @@ impl Breaker {
                 budget.release();
             }
         }
+        // Quick successes of the old state are not counted in the new one.
+        self.settled.store(false, Ordering::Release);
+        self.pending
+            .store(u64::from(m.generation as u32) << 32, Ordering::Release);
         self.word.store(encode(to, m.generation), Ordering::Release);
         self.tx.send_replace(to);
         self.state_gauge.set(to as u8 as f64);

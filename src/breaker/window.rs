@@ -128,6 +128,26 @@ impl Outcomes {
         }
     }
 
+    /// Records `n` successes that were neither slow nor failed (count windows;
+    /// a time window never takes the lock-free path that gathers them).
+    pub(crate) fn record_successes(&mut self, n: u64) {
+        match self {
+            Outcomes::Count { ring, totals, .. } if n >= ring.len() as u64 => {
+                ring.fill(FILLED);
+                *totals = Totals {
+                    calls: ring.len() as u32,
+                    failures: 0,
+                    slow: 0,
+                };
+            }
+            _ => {
+                for _ in 0..n {
+                    self.record(false, false, None);
+                }
+            }
+        }
+    }
+
     #[inline]
     pub(crate) fn totals(&self, now: Option<Instant>) -> Totals {
         match self {
