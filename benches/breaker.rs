@@ -43,20 +43,15 @@
 //! `BREAKER_PROFILE=<stack>` runs one stack's calls and nothing else, for
 //! callgrind instruction counts; see [`profile`].
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
-use std::fmt::Debug;
-use std::future::Ready;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::Runtime;
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
 
 use tower_scale::breaker::{BreakerConfig, BreakerHandle, CircuitBreakerLayer, State, Window};
 
@@ -73,104 +68,11 @@ const TIME_WINDOW: Duration = Duration::from_secs(60);
 /// Calls per stack for the allocation count.
 const ALLOC_CALLS: u64 = 10_000;
 
-// ---------------------------------------------------------------------------
-// Allocation counting.
+mod support;
 
-/// `System`, counting allocations while `COUNTING` is set (a relaxed load
-/// otherwise, so the timed runs pay next to nothing for it).
-struct CountingAlloc;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-impl CountingAlloc {
-    #[inline]
-    fn count(&self) {
-        if COUNTING.load(Relaxed) {
-            ALLOCATIONS.fetch_add(1, Relaxed);
-        }
-    }
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.count();
-        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        self.count();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        self.count();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
-
-// ---------------------------------------------------------------------------
-// The inner service and one call.
-
-/// Always ready; answers with the request; never fails.
-#[derive(Clone, Copy, Debug, Default)]
-struct Echo;
-
-impl Service<u64> for Echo {
-    type Response = u64;
-    type Error = Infallible;
-    type Future = Ready<Result<u64, Infallible>>;
-
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, request: u64) -> Self::Future {
-        std::future::ready(Ok(request))
-    }
-}
-
-/// What every benchmarked stack is.
-trait Stack:
-    Service<u64, Response = u64, Error: Debug + Send, Future: Send> + Clone + Send + 'static
-{
-}
-
-impl<S> Stack for S where
-    S: Service<u64, Response = u64, Error: Debug + Send, Future: Send> + Clone + Send + 'static
-{
-}
-
-/// One call on a service kept between calls: `ready` then `call`.
-#[inline]
-async fn call_reuse<S: Stack>(svc: &mut S, request: u64) -> u64 {
-    svc.ready()
-        .await
-        .expect("ready failed")
-        .call(request)
-        .await
-        .expect("call failed")
-}
-
-/// One call the way axum and hyper make it: clone the service, `oneshot`.
-#[inline]
-async fn call_clone_oneshot<S: Stack>(svc: &S, request: u64) -> u64 {
-    svc.clone().oneshot(request).await.expect("call failed")
-}
+use support::{
+    call_clone_oneshot, call_reuse, current_thread, two_workers, Echo, Stack, ALLOCATIONS, COUNTING,
+};
 
 // ---------------------------------------------------------------------------
 // The stacks.
@@ -356,24 +258,6 @@ fn print_allocations(rt: &Runtime) {
         .collect();
     println!("allocations per call (reuse): {}", line.join(", "));
     println!();
-}
-
-// ---------------------------------------------------------------------------
-// Runtimes.
-
-fn current_thread() -> Runtime {
-    Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("current-thread runtime")
-}
-
-fn two_workers() -> Runtime {
-    Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("multi-thread runtime")
 }
 
 // ---------------------------------------------------------------------------
