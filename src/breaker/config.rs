@@ -112,6 +112,15 @@ impl BreakerConfig {
             ));
         }
         match self.window {
+            Window::Count(n) if n > 1_000_000 => {
+                return Err(ConfigError::new(
+                    "window",
+                    "a count window keeps a byte per call: at most 1 000 000 calls",
+                ))
+            }
+            Window::Time { buckets, .. } if buckets > 10_000 => {
+                return Err(ConfigError::new("window", "at most 10 000 buckets"))
+            }
             Window::Count(0) => return Err(ConfigError::new("window", "a count window needs at least 1 call")),
             Window::Count(n) if self.minimum_calls > n => {
                 return Err(ConfigError::new(
@@ -165,7 +174,7 @@ impl BreakerConfig {
                 let factor = backoff.multiplier.powi(trips.min(64) as i32);
                 let secs =
                     (self.open_duration.as_secs_f64() * factor).min(backoff.max.as_secs_f64());
-                Duration::from_secs_f64(secs)
+                Duration::try_from_secs_f64(secs).unwrap_or(backoff.max)
             }
         }
     }

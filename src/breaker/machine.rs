@@ -2,6 +2,8 @@
 //! and generation in one atomic word so that the Closed path reads one atomic.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge};
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::window::{Outcomes, Totals};
 use super::{BreakerConfig, EjectionBudget, Outcome, State, Window};
@@ -94,6 +96,9 @@ impl Drop for MachineGuard<'_> {
 }
 
 const STATE_BITS: u64 = 3;
+
+/// A deadline too far for the clock means: until reset by hand.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 fn encode(state: State, generation: u64) -> u64 {
     state as u64 | (generation << STATE_BITS)
@@ -287,6 +292,7 @@ impl Breaker {
     pub(crate) fn poll_admit(
         self: &Arc<Self>,
         waiter: &mut Option<u64>,
+        timer: &mut Option<Pin<Box<Sleep>>>,
         cx: &mut Context<'_>,
     ) -> Poll<Completion> {
         if let Ok(completion) = self.admit() {
@@ -303,13 +309,34 @@ impl Breaker {
                 }
             }
         }
+        std::sync::atomic::fence(Ordering::SeqCst);
         // The state may have changed before the task was parked.
         match self.admit() {
             Ok(completion) => {
                 self.leave_waiters(waiter);
+                *timer = None;
                 Poll::Ready(completion)
             }
-            Err(_) => Poll::Pending,
+            Err(refused) => {
+                // Open: besides the breaker's own timer (armed on the runtime
+                // that saw the trip, which may be gone), wake this task when
+                // the open duration ends, on its own runtime.
+                if let Some(after) = refused.retry_after {
+                    if tokio::runtime::Handle::try_current().is_ok() {
+                        let now = Instant::now();
+                        let deadline = now.checked_add(after).unwrap_or(now + FAR_FUTURE);
+                        let sleep = timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if sleep.deadline() != deadline {
+                            sleep.as_mut().reset(deadline);
+                        }
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            cx.waker().wake_by_ref();
+                        }
+                    }
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -377,7 +404,7 @@ impl Breaker {
                     && m.window.totals(None).calls >= self.config.minimum_calls;
                 m.window.record(failed, slow, now);
                 m.consecutive_failures = if failed {
-                    m.consecutive_failures + 1
+                    m.consecutive_failures.saturating_add(1)
                 } else {
                     0
                 };
@@ -453,7 +480,7 @@ impl Breaker {
         if failure_rate >= config.failure_rate
             || (config.slow_call_duration.is_some() && slow_rate >= config.slow_call_rate)
         {
-            m.reopenings += 1;
+            m.reopenings = m.reopenings.saturating_add(1);
             let reason = format!(
                 "{} of {n} probes failed, {} slow",
                 m.probe_failures, m.probe_slow
@@ -489,13 +516,12 @@ impl Breaker {
             m.jitter_seed ^= m.jitter_seed << 17;
             let unit = (m.jitter_seed >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
             let factor = 1.0 + backoff.jitter * (2.0 * unit - 1.0);
-            duration = duration.mul_f64(factor);
+            duration = Duration::try_from_secs_f64(duration.as_secs_f64() * factor)
+                .unwrap_or(Duration::MAX);
         }
         let now = Instant::now();
         // A duration too long for the clock means: until reset by hand.
-        let until = now
-            .checked_add(duration)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let until = now.checked_add(duration).unwrap_or(now + FAR_FUTURE);
         m.open_until = Some(until);
         self.transition(m, State::Open, reason);
         // Move to HalfOpen when the time comes, without waiting for a request.
@@ -568,10 +594,15 @@ impl Breaker {
                 tracing::info!(breaker = %self.config.name, from = from.as_str(), to = to.as_str(), reason, "circuit breaker state changed")
             }
         }
-        self.wake_waiters();
+        // Woken once the machine lock is released (a waker may run its task
+        // inline, and that task may come back to the breaker).
+        m.pending_wake = true;
     }
 
     fn wake_waiters(&self) {
+        // Pairs with the fence in `poll_admit`: either this load sees the new
+        // waiter, or the waiter's second look sees the new state.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let wakers = lock(&self.waiters).wakers();
             for waker in wakers {

@@ -73,6 +73,16 @@
 //! call whose future is dropped is not counted at all (a dropped probe gives its
 //! place back).
 //!
+//! In not-ready mode the admission is taken in `poll_ready` and checked again at
+//! every later `poll_ready` (tower's balancer re-polls just before dispatch),
+//! so a service that was ready before a trip is Pending after it. In HalfOpen a
+//! ready service holds a probe place until it is called or dropped: a service
+//! kept ready but never called (never picked by the balancer) keeps HalfOpen
+//! from judging, so let idle endpoints go or keep `half_open_calls` above the
+//! number of idle clones. A parked service is woken when the open duration
+//! ends, by the breaker's timer or by one of its own on the runtime that polls
+//! it.
+//!
 //! # Settings
 //!
 //! | setting | default | resilience4j | how to choose |

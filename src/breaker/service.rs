@@ -21,10 +21,12 @@ pub struct CircuitBreaker<S, C = ErrorsAreFailures> {
     parked: Parked,
 }
 
-/// The breaker, and this service's place among the tasks parked on it.
+/// The breaker, this service's place among the tasks parked on it, and the
+/// timer that wakes it when the open duration ends.
 struct Parked {
     breaker: Arc<Breaker>,
     id: Option<u64>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Drop for Parked {
@@ -39,7 +41,11 @@ impl<S, C> CircuitBreaker<S, C> {
             inner,
             classifier,
             admitted: None,
-            parked: Parked { breaker, id: None },
+            parked: Parked {
+                breaker,
+                id: None,
+                timer: None,
+            },
         }
     }
 
@@ -83,7 +89,11 @@ where
                 self.admitted = None;
             }
             if self.admitted.is_none() {
-                let admitted = ready!(breaker.poll_admit(&mut self.parked.id, cx));
+                let parked = &mut self.parked;
+                let admitted =
+                    ready!(parked
+                        .breaker
+                        .poll_admit(&mut parked.id, &mut parked.timer, cx));
                 self.admitted = Some(admitted);
             }
         }

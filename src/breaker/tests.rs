@@ -422,6 +422,72 @@ async fn not_ready_mode_takes_back_an_admission_made_before_a_trip() {
     assert_eq!(calls.load(SeqCst), 1);
 }
 
+/// The breaker's own timer runs on the runtime that saw the trip; a service
+/// parked on another runtime wakes by its own timer when the open duration
+/// ends, even if the first runtime is gone.
+#[test]
+fn not_ready_service_wakes_after_the_open_duration_on_its_own_runtime() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = CircuitBreakerLayer::new(
+        config()
+            .open_duration(Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    )
+    .not_ready();
+    let handle = layer.handle();
+    let svc = layer.layer(inner(calls));
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        for _ in 0..4 {
+            let _ = svc.clone().oneshot(FAIL).await;
+        }
+    });
+    assert_eq!(handle.state(), State::Open);
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let waited = second.block_on(async {
+        let start = tokio::time::Instant::now();
+        let mut svc = svc.clone();
+        tokio::time::timeout(Duration::from_secs(30), svc.ready())
+            .await
+            .expect("woken")
+            .unwrap();
+        start.elapsed()
+    });
+    assert!(
+        waited < Duration::from_secs(20),
+        "woken only after {waited:?}"
+    );
+    assert_eq!(handle.state(), State::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_durations_too_long_for_the_clock_do_not_panic() {
+    let backoff = Backoff {
+        multiplier: 10.0,
+        max: Duration::MAX,
+        jitter: 1.0,
+    };
+    let h = Harness::new(
+        config()
+            .open_duration(Duration::MAX)
+            .backoff(backoff)
+            .build()
+            .unwrap(),
+    );
+    h.send_all(FAIL, 4).await;
+    assert_eq!(h.handle.state(), State::Open);
+    assert!(h.send(OK).await.unwrap_err().is::<CircuitOpen>());
+}
+
 #[test]
 fn bad_configuration_is_refused_naming_the_field() {
     let field = |b: BreakerConfigBuilder| b.build().unwrap_err().field();
@@ -477,6 +543,10 @@ fn bad_configuration_is_refused_naming_the_field() {
     assert_eq!(
         field(BreakerConfig::builder().backoff(backoff)),
         "backoff.multiplier"
+    );
+    assert_eq!(
+        field(BreakerConfig::builder().window(Window::Count(2_000_000))),
+        "window"
     );
     assert!(BreakerConfig::builder().build().is_ok());
 }

@@ -121,9 +121,9 @@ impl Outcomes {
                         totals: Totals::default(),
                     };
                 }
-                bucket.totals.calls += 1;
-                bucket.totals.failures += u32::from(failed);
-                bucket.totals.slow += u32::from(slow);
+                bucket.totals.calls = bucket.totals.calls.saturating_add(1);
+                bucket.totals.failures = bucket.totals.failures.saturating_add(u32::from(failed));
+                bucket.totals.slow = bucket.totals.slow.saturating_add(u32::from(slow));
             }
         }
     }
@@ -164,9 +164,9 @@ impl Outcomes {
                     .iter()
                     .filter(|b| b.period != u64::MAX && b.period >= oldest && b.period <= current)
                     .fold(Totals::default(), |mut sum, b| {
-                        sum.calls += b.totals.calls;
-                        sum.failures += b.totals.failures;
-                        sum.slow += b.totals.slow;
+                        sum.calls = sum.calls.saturating_add(b.totals.calls);
+                        sum.failures = sum.failures.saturating_add(b.totals.failures);
+                        sum.slow = sum.slow.saturating_add(b.totals.slow);
                         sum
                     })
             }
