@@ -409,7 +409,7 @@ impl Breaker {
                     0
                 };
                 if failed || slow || !settled {
-                    self.judge_closed(m, now);
+                    self.judge_closed(m);
                 }
                 let settled = m.state == State::Closed
                     && self.budget.is_none()
@@ -437,7 +437,7 @@ impl Breaker {
         !probe && matches!(self.config.window, Window::Time { .. })
     }
 
-    fn judge_closed(self: &Arc<Self>, m: &mut Machine, now: Option<Instant>) {
+    fn judge_closed(self: &Arc<Self>, m: &mut Machine) {
         let config = &self.config;
         if let Some(n) = config.consecutive_failures {
             if m.consecutive_failures >= n {
@@ -445,7 +445,9 @@ impl Breaker {
                 return self.trip(m, &reason);
             }
         }
-        let totals = m.window.totals(now);
+        // Judged right after a call was recorded at `now`: the window is up
+        // to date, no need to look at the clock again.
+        let totals = m.window.recorded_totals();
         if totals.calls < config.minimum_calls {
             return;
         }

@@ -43,14 +43,23 @@ pub(crate) enum Outcomes {
         next: usize,
         totals: Totals,
     },
-    Time {
-        buckets: Box<[Bucket]>,
-        width: Duration,
-        origin: Instant,
-    },
+    Time(TimeWindow),
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+/// The calls of the last `buckets` bucket-width periods, with running sums so
+/// that reading the totals is O(1) while time stays in one period.
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    buckets: Box<[Bucket]>,
+    width: Duration,
+    origin: Instant,
+    /// Sums of the buckets still in the window as of `latest`.
+    sums: Totals,
+    /// The newest period seen.
+    latest: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Bucket {
     /// Index of the bucket-width period this bucket holds; `u64::MAX` if none.
     period: u64,
@@ -67,18 +76,13 @@ impl Outcomes {
     }
 
     pub(crate) fn time(duration: Duration, buckets: u32, now: Instant) -> Self {
-        Outcomes::Time {
-            buckets: vec![
-                Bucket {
-                    period: u64::MAX,
-                    totals: Totals::default()
-                };
-                buckets as usize
-            ]
-            .into_boxed_slice(),
+        Outcomes::Time(TimeWindow {
+            buckets: vec![Bucket::EMPTY; buckets as usize].into_boxed_slice(),
             width: duration / buckets,
             origin: now,
-        }
+            sums: Totals::default(),
+            latest: 0,
+        })
     }
 
     /// Whether recording needs the time of completion.
@@ -106,24 +110,8 @@ impl Outcomes {
                 totals.failures += u32::from(failed);
                 totals.slow += u32::from(slow);
             }
-            Outcomes::Time {
-                buckets,
-                width,
-                origin,
-            } => {
-                let now = now.expect("a time window is given the time");
-                let period = period_of(now, *origin, *width);
-                let len = buckets.len() as u64;
-                let bucket = &mut buckets[(period % len) as usize];
-                if bucket.period != period {
-                    *bucket = Bucket {
-                        period,
-                        totals: Totals::default(),
-                    };
-                }
-                bucket.totals.calls = bucket.totals.calls.saturating_add(1);
-                bucket.totals.failures = bucket.totals.failures.saturating_add(u32::from(failed));
-                bucket.totals.slow = bucket.totals.slow.saturating_add(u32::from(slow));
+            Outcomes::Time(window) => {
+                window.record(failed, slow, now.expect("a time window is given the time"))
             }
         }
     }
@@ -148,28 +136,21 @@ impl Outcomes {
         }
     }
 
+    /// The totals as of the last call recorded (for a time window, as of the
+    /// newest period seen).
+    #[inline]
+    pub(crate) fn recorded_totals(&self) -> Totals {
+        match self {
+            Outcomes::Count { totals, .. } => *totals,
+            Outcomes::Time(window) => window.sums,
+        }
+    }
+
     #[inline]
     pub(crate) fn totals(&self, now: Option<Instant>) -> Totals {
         match self {
             Outcomes::Count { totals, .. } => *totals,
-            Outcomes::Time {
-                buckets,
-                width,
-                origin,
-            } => {
-                let now = now.expect("a time window is given the time");
-                let current = period_of(now, *origin, *width);
-                let oldest = current.saturating_sub(buckets.len() as u64 - 1);
-                buckets
-                    .iter()
-                    .filter(|b| b.period != u64::MAX && b.period >= oldest && b.period <= current)
-                    .fold(Totals::default(), |mut sum, b| {
-                        sum.calls = sum.calls.saturating_add(b.totals.calls);
-                        sum.failures = sum.failures.saturating_add(b.totals.failures);
-                        sum.slow = sum.slow.saturating_add(b.totals.slow);
-                        sum
-                    })
-            }
+            Outcomes::Time(window) => window.totals(now.expect("a time window is given the time")),
         }
     }
 
@@ -180,17 +161,109 @@ impl Outcomes {
                 *next = 0;
                 *totals = Totals::default();
             }
-            Outcomes::Time { buckets, .. } => {
-                for bucket in buckets.iter_mut() {
-                    bucket.period = u64::MAX;
-                    bucket.totals = Totals::default();
-                }
+            Outcomes::Time(window) => {
+                window.buckets.fill(Bucket::EMPTY);
+                window.sums = Totals::default();
             }
         }
     }
 }
 
+impl Bucket {
+    const EMPTY: Bucket = Bucket {
+        period: u64::MAX,
+        totals: Totals {
+            calls: 0,
+            failures: 0,
+            slow: 0,
+        },
+    };
+}
+
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.calls = self.calls.saturating_add(other.calls);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.slow = self.slow.saturating_add(other.slow);
+    }
+
+    fn remove(&mut self, other: Totals) {
+        self.calls = self.calls.saturating_sub(other.calls);
+        self.failures = self.failures.saturating_sub(other.failures);
+        self.slow = self.slow.saturating_sub(other.slow);
+    }
+}
+
+impl TimeWindow {
+    /// The oldest period still in the window when `period` is the newest.
+    fn oldest(&self, period: u64) -> u64 {
+        period.saturating_sub(self.buckets.len() as u64 - 1)
+    }
+
+    /// Moves the window on to `period`: buckets that fell out leave the sums.
+    /// Costs O(buckets) once per period, O(1) otherwise.
+    fn advance(&mut self, period: u64) {
+        if period <= self.latest {
+            return;
+        }
+        let oldest = self.oldest(period);
+        for bucket in self.buckets.iter_mut() {
+            if bucket.period != u64::MAX && bucket.period < oldest {
+                self.sums.remove(bucket.totals);
+                *bucket = Bucket::EMPTY;
+            }
+        }
+        self.latest = period;
+    }
+
+    fn record(&mut self, failed: bool, slow: bool, now: Instant) {
+        let period = period_of(now, self.origin, self.width);
+        self.advance(period);
+        if period < self.oldest(self.latest) {
+            // Completed just before another call moved the window past it.
+            return;
+        }
+        let len = self.buckets.len() as u64;
+        let bucket = &mut self.buckets[(period % len) as usize];
+        if bucket.period != period {
+            // Empty: anything older in this slot left the window in `advance`.
+            *bucket = Bucket::EMPTY;
+            bucket.period = period;
+        }
+        let one = Totals {
+            calls: 1,
+            failures: u32::from(failed),
+            slow: u32::from(slow),
+        };
+        bucket.totals.add(one);
+        self.sums.add(one);
+    }
+
+    fn totals(&self, now: Instant) -> Totals {
+        let period = period_of(now, self.origin, self.width);
+        if period <= self.latest {
+            return self.sums;
+        }
+        // Time moved on with no call: leave out what fell out, without
+        // changing the window.
+        let oldest = self.oldest(period);
+        let mut sums = self.sums;
+        for bucket in self.buckets.iter() {
+            if bucket.period != u64::MAX && bucket.period < oldest {
+                sums.remove(bucket.totals);
+            }
+        }
+        sums
+    }
+}
+
+/// Index of the bucket-width period `now` falls in. 64-bit arithmetic (a
+/// 128-bit division costs several times more): 2^64 ns is 584 years.
 fn period_of(now: Instant, origin: Instant, width: Duration) -> u64 {
-    let elapsed = now.saturating_duration_since(origin).as_nanos();
-    (elapsed / width.as_nanos().max(1)) as u64
+    let nanos = |d: Duration| {
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
+    };
+    nanos(now.saturating_duration_since(origin)) / nanos(width).max(1)
 }
