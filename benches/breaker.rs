@@ -44,7 +44,6 @@
 //! callgrind instruction counts; see [`profile`].
 
 use std::hint::black_box;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
@@ -65,13 +64,11 @@ const SLOW_CALL: Duration = Duration::from_secs(1);
 const SLOW_CALL_RATE: f64 = 1.0;
 /// Time window of `ours/time`.
 const TIME_WINDOW: Duration = Duration::from_secs(60);
-/// Calls per stack for the allocation count.
-const ALLOC_CALLS: u64 = 10_000;
 
 mod support;
 
 use support::{
-    call_clone_oneshot, call_reuse, current_thread, two_workers, Echo, Stack, ALLOCATIONS, COUNTING,
+    call_reuse, current_thread, two_workers, CountAllocations, Echo, Stack, Visit, ALLOC_CALLS,
 };
 
 // ---------------------------------------------------------------------------
@@ -108,10 +105,6 @@ fn tower_resilience_layer() -> tower_resilience::circuitbreaker::CircuitBreakerL
 }
 
 /// Called once per stack, with a freshly built stack.
-trait Visit {
-    fn visit<S: Stack>(&mut self, name: &str, svc: S);
-}
-
 /// Builds every stack anew and hands each to `v`.
 fn for_each_stack(v: &mut impl Visit) {
     v.visit("baseline", Echo);
@@ -179,61 +172,6 @@ fn check_closed(rt: &Runtime) {
 
 // ---------------------------------------------------------------------------
 // Allocation count.
-
-struct CountAllocations<'a> {
-    rt: &'a Runtime,
-    rows: Vec<Row>,
-}
-
-struct Row {
-    name: String,
-    /// Allocations per call, service reused.
-    reuse: f64,
-    /// Allocations per call, service cloned and driven with `oneshot`.
-    clone: f64,
-    service_size: usize,
-    future_size: usize,
-}
-
-impl CountAllocations<'_> {
-    fn per_call<F: std::future::Future<Output = ()>>(&self, run: F) -> f64 {
-        ALLOCATIONS.store(0, Relaxed);
-        COUNTING.store(true, Relaxed);
-        self.rt.block_on(run);
-        COUNTING.store(false, Relaxed);
-        ALLOCATIONS.load(Relaxed) as f64 / ALLOC_CALLS as f64
-    }
-}
-
-impl Visit for CountAllocations<'_> {
-    fn visit<S: Stack>(&mut self, name: &str, mut svc: S) {
-        // Warm up first: lazily created state (thread locals) is not a
-        // per-call cost.
-        self.rt.block_on(async {
-            for i in 0..100 {
-                black_box(call_reuse(&mut svc, i).await);
-                black_box(call_clone_oneshot(&svc, i).await);
-            }
-        });
-        let reuse = self.per_call(async {
-            for i in 0..ALLOC_CALLS {
-                black_box(call_reuse(&mut svc, i).await);
-            }
-        });
-        let clone = self.per_call(async {
-            for i in 0..ALLOC_CALLS {
-                black_box(call_clone_oneshot(&svc, i).await);
-            }
-        });
-        self.rows.push(Row {
-            name: name.to_owned(),
-            reuse,
-            clone,
-            service_size: std::mem::size_of::<S>(),
-            future_size: std::mem::size_of::<S::Future>(),
-        });
-    }
-}
 
 fn print_allocations(rt: &Runtime) {
     let mut count = CountAllocations {

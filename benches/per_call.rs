@@ -45,7 +45,6 @@
 //! callgrind instruction counts; see [`profile`].
 
 use std::hint::black_box;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
@@ -63,23 +62,18 @@ const LIMIT: usize = 1_000;
 /// Capacity of our queue and bound of tower's buffer.
 const QUEUE: usize = 1_024;
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Calls per stack for the allocation count.
-const ALLOC_CALLS: u64 = 10_000;
 
 mod support;
 
 use support::{
-    call_clone_oneshot, call_reuse, current_thread, two_workers, Echo, Stack, ALLOCATIONS, COUNTING,
+    call_clone_oneshot, call_reuse, current_thread, two_workers, CountAllocations, Echo, Stack,
+    Visit, ALLOC_CALLS,
 };
 
 // ---------------------------------------------------------------------------
 // The stacks.
 
 /// Called once per stack, with a freshly built stack.
-trait Visit {
-    fn visit<S: Stack>(&mut self, name: &str, svc: S);
-}
-
 /// Builds every stack anew (so metric handles are registered with whatever
 /// recorder is installed now) and hands each to `v`. Tower's buffer worker is
 /// spawned on `rt`.
@@ -135,61 +129,6 @@ fn for_each_stack(rt: &Runtime, v: &mut impl Visit) {
 
 // ---------------------------------------------------------------------------
 // Allocation count.
-
-struct CountAllocations<'a> {
-    rt: &'a Runtime,
-    rows: Vec<Row>,
-}
-
-struct Row {
-    name: String,
-    /// Allocations per call, service reused.
-    reuse: f64,
-    /// Allocations per call, service cloned and driven with `oneshot`.
-    clone: f64,
-    service_size: usize,
-    future_size: usize,
-}
-
-impl CountAllocations<'_> {
-    fn per_call<F: std::future::Future<Output = ()>>(&self, run: F) -> f64 {
-        ALLOCATIONS.store(0, Relaxed);
-        COUNTING.store(true, Relaxed);
-        self.rt.block_on(run);
-        COUNTING.store(false, Relaxed);
-        ALLOCATIONS.load(Relaxed) as f64 / ALLOC_CALLS as f64
-    }
-}
-
-impl Visit for CountAllocations<'_> {
-    fn visit<S: Stack>(&mut self, name: &str, mut svc: S) {
-        // Warm up first: lazily created state (thread locals, the buffer
-        // worker's first poll) is not a per-call cost.
-        self.rt.block_on(async {
-            for i in 0..100 {
-                black_box(call_reuse(&mut svc, i).await);
-                black_box(call_clone_oneshot(&svc, i).await);
-            }
-        });
-        let reuse = self.per_call(async {
-            for i in 0..ALLOC_CALLS {
-                black_box(call_reuse(&mut svc, i).await);
-            }
-        });
-        let clone = self.per_call(async {
-            for i in 0..ALLOC_CALLS {
-                black_box(call_clone_oneshot(&svc, i).await);
-            }
-        });
-        self.rows.push(Row {
-            name: name.to_owned(),
-            reuse,
-            clone,
-            service_size: std::mem::size_of::<S>(),
-            future_size: std::mem::size_of::<S::Future>(),
-        });
-    }
-}
 
 fn print_allocations(recorder: &str) {
     let rt = current_thread();

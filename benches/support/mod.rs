@@ -6,6 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::fmt::Debug;
 use std::future::Ready;
+use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
@@ -127,4 +128,68 @@ pub(crate) fn two_workers() -> Runtime {
         .enable_all()
         .build()
         .expect("multi-thread runtime")
+}
+
+/// Calls per stack for the allocation count.
+pub(crate) const ALLOC_CALLS: u64 = 10_000;
+
+/// Something done to each benchmarked stack.
+pub(crate) trait Visit {
+    fn visit<S: Stack>(&mut self, name: &str, svc: S);
+}
+
+/// Counts allocations per call for each stack it visits.
+pub(crate) struct CountAllocations<'a> {
+    pub(crate) rt: &'a Runtime,
+    pub(crate) rows: Vec<Row>,
+}
+
+pub(crate) struct Row {
+    pub(crate) name: String,
+    /// Allocations per call, service reused.
+    pub(crate) reuse: f64,
+    /// Allocations per call, service cloned and driven with `oneshot`.
+    pub(crate) clone: f64,
+    pub(crate) service_size: usize,
+    pub(crate) future_size: usize,
+}
+
+impl CountAllocations<'_> {
+    fn per_call<F: std::future::Future<Output = ()>>(&self, run: F) -> f64 {
+        ALLOCATIONS.store(0, Relaxed);
+        COUNTING.store(true, Relaxed);
+        self.rt.block_on(run);
+        COUNTING.store(false, Relaxed);
+        ALLOCATIONS.load(Relaxed) as f64 / ALLOC_CALLS as f64
+    }
+}
+
+impl Visit for CountAllocations<'_> {
+    fn visit<S: Stack>(&mut self, name: &str, mut svc: S) {
+        // Warm up first: lazily created state (thread locals, tower's buffer
+        // worker's first poll) is not a per-call cost.
+        self.rt.block_on(async {
+            for i in 0..100 {
+                black_box(call_reuse(&mut svc, i).await);
+                black_box(call_clone_oneshot(&svc, i).await);
+            }
+        });
+        let reuse = self.per_call(async {
+            for i in 0..ALLOC_CALLS {
+                black_box(call_reuse(&mut svc, i).await);
+            }
+        });
+        let clone = self.per_call(async {
+            for i in 0..ALLOC_CALLS {
+                black_box(call_clone_oneshot(&svc, i).await);
+            }
+        });
+        self.rows.push(Row {
+            name: name.to_owned(),
+            reuse,
+            clone,
+            service_size: std::mem::size_of::<S>(),
+            future_size: std::mem::size_of::<S::Future>(),
+        });
+    }
 }
