@@ -126,6 +126,34 @@ impl fmt::Display for CircuitOpen {
 
 impl std::error::Error for CircuitOpen {}
 
+/// The service is draining before shutdown: the call was refused without
+/// reaching the inner service, so it is safe to send again to another instance.
+#[derive(Default)]
+pub struct Draining {
+    _p: (),
+}
+
+impl Draining {
+    /// Constructs a new `Draining` error.
+    pub const fn new() -> Self {
+        Draining { _p: () }
+    }
+}
+
+impl fmt::Debug for Draining {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Draining")
+    }
+}
+
+impl fmt::Display for Draining {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("service is draining")
+    }
+}
+
+impl std::error::Error for Draining {}
+
 /// An invalid configuration value, found when a layer was built.
 ///
 /// It names the field, so `try_new` and `build` callers can report exactly what

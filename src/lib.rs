@@ -94,6 +94,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod breaker;
+pub mod drain;
 pub mod error;
 pub mod limit;
 pub mod queue;
@@ -102,6 +103,10 @@ pub mod shed;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
+
+#[cfg(feature = "health")]
+#[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+pub mod health;
 
 mod metrics_util;
 mod wait_list;

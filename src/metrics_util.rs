@@ -11,6 +11,7 @@ pub(crate) enum Reason {
     QueueFull,
     QueueTimeout,
     CircuitOpen,
+    Draining,
 }
 
 impl Reason {
@@ -20,6 +21,7 @@ impl Reason {
             Reason::QueueFull => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
             Reason::CircuitOpen => "circuit_open",
+            Reason::Draining => "draining",
         }
     }
 }

@@ -37,6 +37,19 @@ impl IntoResponse for crate::error::CircuitOpen {
     }
 }
 
+/// 503 with the `draining` marker and no `Retry-After`. Without the request's
+/// version at hand it cannot add `Connection: close`; `ErrorResponseLayer` does
+/// (on HTTP/1.x).
+impl IntoResponse for crate::error::Draining {
+    fn into_response(self) -> Response {
+        (
+            Rejection::Refused("draining").status(),
+            [(REJECTED_HEADER, HeaderValue::from_static("draining"))],
+        )
+            .into_response()
+    }
+}
+
 impl IntoResponse for QueueTimeout {
     fn into_response(self) -> Response {
         refused("queue_timeout")
@@ -66,6 +79,7 @@ pub fn into_response(err: crate::BoxError) -> Response {
         return crate::error::CircuitOpen::new(open.retry_after()).into_response();
     }
     match Rejection::of(err.as_ref()) {
+        Rejection::Refused("draining") => crate::error::Draining::new().into_response(),
         Rejection::Refused(reason) => refused(reason),
         rejection => {
             if rejection == Rejection::Internal {

@@ -30,11 +30,19 @@
 //! |---|---|---|
 //! | [`Overloaded`], [`QueueFull`], [`QueueTimeout`] | 503 Service Unavailable | `Retry-After`, `tower-scale-rejected: <reason>` |
 //! | [`CircuitOpen`] | 503 Service Unavailable | `Retry-After` from [`CircuitOpen::retry_after`] (the layer's setting when unknown), `tower-scale-rejected: circuit_open` |
+//! | [`Draining`] | 503 Service Unavailable | `tower-scale-rejected: draining`, and `Connection: close` on HTTP/1.x; no `Retry-After` |
 //! | tower's `timeout::error::Elapsed` | 504 Gateway Timeout | |
 //! | anything else | 500 Internal Server Error | |
 //!
 //! The marker header [`REJECTED_HEADER`] says the request was refused before any
 //! work started, so a client may retry it even if it is not idempotent.
+//! A draining instance is going away: its 503 carries no `Retry-After` (retry
+//! on another instance at once) and, on HTTP/1.x, `Connection: close`, so
+//! keep-alive clients reconnect (through the load balancer) instead of sending
+//! the next request to the same instance. HTTP/2 has no such header (hyper
+//! strips it and warns); there the server's GOAWAY, sent when
+//! [`Drain::signaled`](crate::drain::Drain::signaled) resolves and the server
+//! shuts down gracefully, does the same.
 //! `Retry-After` is whole seconds, rounded up, at least 1 (default 1 s; see
 //! [`ErrorResponseLayer::retry_after`]). The body of a mapped error is empty, and
 //! the text of an unknown error is logged (at `error` level) but not sent to the
@@ -56,16 +64,17 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 pub use self::body::{GuardBody, ResponseBody};
 
-use crate::error::{BoxError, CircuitOpen, Overloaded, QueueFull, QueueTimeout};
+use crate::error::{BoxError, CircuitOpen, Draining, Overloaded, QueueFull, QueueTimeout};
 
 /// The header that marks a response refused before any work started; its value
-/// is the reason (`overloaded`, `queue_full`, `queue_timeout`, `circuit_open`).
+/// is the reason (`overloaded`, `queue_full`, `queue_timeout`, `circuit_open`,
+/// `draining`).
 pub const REJECTED_HEADER: HeaderName = HeaderName::from_static("tower-scale-rejected");
 
 /// What an error means for the client.
@@ -98,6 +107,9 @@ impl Rejection {
             }
             if err.is::<CircuitOpen>() {
                 return Rejection::Refused("circuit_open");
+            }
+            if err.is::<Draining>() {
+                return Rejection::Refused("draining");
             }
             if err.is::<tower::timeout::error::Elapsed>() {
                 return Rejection::Timeout;
@@ -264,6 +276,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let version = request.version();
         let state = match self.ready_error.take() {
             Some(err) => State::Failed { err: Some(err) },
             None => State::Called {
@@ -273,6 +286,7 @@ where
         ResponseFuture {
             state,
             config: self.config.clone(),
+            version,
         }
     }
 }
@@ -283,6 +297,7 @@ pin_project! {
         #[pin]
         state: State<F>,
         config: Arc<Config>,
+        version: Version,
     }
 }
 
@@ -314,18 +329,18 @@ where
         let response = match this.state.project() {
             StateProj::Called { fut } => match ready!(fut.poll(cx)) {
                 Ok(response) => response.map(ResponseBody::inner),
-                Err(err) => error_response(&err.into(), this.config),
+                Err(err) => error_response(&err.into(), this.config, *this.version),
             },
             StateProj::Failed { err } => {
                 let err = err.take().expect("ResponseFuture polled after completion");
-                error_response(&err, this.config)
+                error_response(&err, this.config, *this.version)
             }
         };
         Poll::Ready(Ok(response))
     }
 }
 
-fn error_response<B>(err: &BoxError, config: &Config) -> Response<ResponseBody<B>>
+fn error_response<B>(err: &BoxError, config: &Config, version: Version) -> Response<ResponseBody<B>>
 where
     B: http_body::Body,
     B::Data: From<String>,
@@ -337,6 +352,16 @@ where
     *response.status_mut() = rejection.status();
     let headers = response.headers_mut();
     match rejection {
+        Rejection::Refused("draining") => {
+            tracing::debug!(
+                reason = "draining",
+                "request refused before any work started"
+            );
+            headers.insert(REJECTED_HEADER, HeaderValue::from_static("draining"));
+            if version <= Version::HTTP_11 {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
         Rejection::Refused(reason) => {
             tracing::debug!(reason, "request refused before any work started");
             let retry_after =

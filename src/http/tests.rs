@@ -36,6 +36,37 @@ async fn rejections_become_503_with_retry_after_and_the_marker() {
     }
 }
 
+/// Draining is answered with the marker and no `Retry-After`; HTTP/1.x gets
+/// `Connection: close`, HTTP/2 (where the header is illegal) does not.
+#[tokio::test]
+async fn draining_closes_http1_connections_only() {
+    for (version, close) in [
+        (http::Version::HTTP_10, true),
+        (http::Version::HTTP_11, true),
+        (http::Version::HTTP_2, false),
+    ] {
+        let mut err = Some(BoxError::from(crate::error::Draining::new()));
+        let svc = ErrorResponseLayer::new().layer(service_fn(move |_: Request<()>| {
+            let err = err.take().expect("called once");
+            async move { Err::<Response<Full>, BoxError>(err) }
+        }));
+        let mut request = Request::new(());
+        *request.version_mut() = version;
+        let response = svc.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[REJECTED_HEADER], "draining");
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            response
+                .headers()
+                .get(header::CONNECTION)
+                .map(|v| v.to_str().unwrap()),
+            close.then_some("close"),
+            "{version:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn timeout_becomes_504_and_unknown_errors_500_without_their_text() {
     let elapsed: BoxError = tower::timeout::error::Elapsed::new().into();

@@ -37,7 +37,7 @@ where
     F: Future<Output = Result<T, E>>,
     P: ReleasePolicy<T>,
 {
-    type Output = Result<P::Output, E>;
+    type Output = Result<P::Output<Permit>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();

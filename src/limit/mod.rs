@@ -132,23 +132,25 @@ impl fmt::Debug for LimitHandle {
     }
 }
 
-/// When a call gives its permit back.
+/// When a call gives back what it holds: a concurrency permit, or the drain's
+/// in-flight count.
 ///
 /// Implemented by [`OnResponse`] (when the response future completes) and, with
-/// feature `http`, by `OnBodyEnd` (when the response body ends). Sealed.
+/// feature `http`, by `OnBodyEnd` (when the response body ends). Sealed. The
+/// [`drain`](crate::drain) layer uses the same two policies.
 pub trait ReleasePolicy<T>: Clone + sealed::Sealed {
-    /// The response type once the permit is attached.
-    type Output;
+    /// The response type once a guard of type `G` is attached.
+    type Output<G>;
 
-    /// Attaches `permit` to `response`, or drops it.
-    fn attach(&self, response: T, permit: Permit) -> Self::Output;
+    /// Attaches `guard` to `response`, or drops it.
+    fn attach<G>(&self, response: T, guard: G) -> Self::Output<G>;
 }
 
 mod sealed {
     pub trait Sealed {}
 }
 
-/// Release the permit when the response future completes (the default).
+/// Release when the response future completes (the default).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OnResponse {
     _p: (),
@@ -157,17 +159,17 @@ pub struct OnResponse {
 impl sealed::Sealed for OnResponse {}
 
 impl<T> ReleasePolicy<T> for OnResponse {
-    type Output = T;
+    type Output<G> = T;
 
     #[inline]
-    fn attach(&self, response: T, permit: Permit) -> T {
-        drop(permit);
+    fn attach<G>(&self, response: T, guard: G) -> T {
+        drop(guard);
         response
     }
 }
 
-/// Release the permit when the HTTP response body has ended, errored or been
-/// dropped. See [`ConcurrencyLimitLayer::release_on_body_end`].
+/// Release when the HTTP response body has ended, errored or been dropped. See
+/// [`ConcurrencyLimitLayer::release_on_body_end`].
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 #[derive(Clone, Copy, Debug, Default)]
@@ -180,10 +182,10 @@ impl sealed::Sealed for OnBodyEnd {}
 
 #[cfg(feature = "http")]
 impl<B: http_body::Body> ReleasePolicy<::http::Response<B>> for OnBodyEnd {
-    type Output = ::http::Response<crate::http::GuardBody<B, Permit>>;
+    type Output<G> = ::http::Response<crate::http::GuardBody<B, G>>;
 
-    fn attach(&self, response: ::http::Response<B>, permit: Permit) -> Self::Output {
-        response.map(|body| crate::http::GuardBody::new(body, permit))
+    fn attach<G>(&self, response: ::http::Response<B>, guard: G) -> Self::Output<G> {
+        response.map(|body| crate::http::GuardBody::new(body, guard))
     }
 }
 

@@ -73,7 +73,7 @@ where
     S: Service<Request>,
     P: ReleasePolicy<S::Response>,
 {
-    type Response = P::Output;
+    type Response = P::Output<Permit>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, P>;
 
