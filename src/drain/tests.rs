@@ -291,6 +291,10 @@ fn services_futures_and_signals_fit_axum_and_tonic() {
         drain.drain(Duration::from_secs(1))
     }
     let _ = drain_future_is_send;
+    fn signal_is_send() -> impl Send + 'static {
+        shutdown_signal()
+    }
+    let _ = signal_is_send;
 }
 
 #[cfg(feature = "http")]
@@ -337,4 +341,26 @@ mod http {
     ) -> impl futures_core::Stream<Item = Frame> + Send {
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
+}
+
+/// A real SIGTERM to this test process resolves the signal future (tokio's
+/// handler, once installed, keeps the process alive).
+#[cfg(unix)]
+#[tokio::test]
+async fn shutdown_signal_resolves_on_sigterm() {
+    let signal = tokio::spawn(shutdown_signal());
+    // Let the task install its handlers before the signal is sent.
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!signal.is_finished());
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &std::process::id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    tokio::time::timeout(Duration::from_secs(10), signal)
+        .await
+        .expect("resolved within 10 s")
+        .unwrap();
 }

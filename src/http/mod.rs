@@ -1,5 +1,6 @@
-//! HTTP glue: every rejection becomes a response, and permits can ride in the
-//! response body.
+//! HTTP glue: every rejection becomes a response, permits can ride in the
+//! response body, and clients retry what was refused before any work started
+//! ([`SafeRetry`]).
 //!
 //! # Example
 //!
@@ -54,6 +55,7 @@
 //! inner body: no boxing.
 
 mod body;
+mod retry;
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -69,6 +71,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 pub use self::body::{GuardBody, ResponseBody};
+pub use self::retry::{SafeRetry, SafeRetryBuilder};
 
 use crate::error::{BoxError, CircuitOpen, Draining, Overloaded, QueueFull, QueueTimeout};
 

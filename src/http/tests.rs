@@ -188,3 +188,225 @@ fn services_fit_axum() {
     assert_fits::<ErrorResponseLayer>();
     assert_fits::<ErrorResponse<crate::shed::LoadShed<crate::test_support::Tracked>>>();
 }
+
+mod retry {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::time::Instant;
+    use tower::retry::budget::TpsBudget;
+    use tower::ServiceBuilder;
+
+    use super::*;
+    use crate::error::{Draining, QueueFull};
+
+    /// Answers each attempt with the next of `answers`, recording when it came.
+    #[derive(Clone)]
+    struct Script {
+        answers: Arc<Mutex<Vec<Answer>>>,
+        seen: Arc<Mutex<Vec<(http::Method, Instant)>>>,
+    }
+
+    #[derive(Clone)]
+    enum Answer {
+        Status(u16, &'static [(&'static str, &'static str)]),
+        Fail(fn() -> BoxError),
+    }
+
+    impl Script {
+        fn new(answers: Vec<Answer>) -> Self {
+            Script {
+                answers: Arc::new(Mutex::new(answers.into_iter().rev().collect())),
+                seen: Arc::default(),
+            }
+        }
+
+        fn attempts(&self) -> usize {
+            self.seen.lock().unwrap().len()
+        }
+
+        fn times(&self) -> Vec<Instant> {
+            self.seen.lock().unwrap().iter().map(|(_, t)| *t).collect()
+        }
+    }
+
+    impl tower::Service<Request<String>> for Script {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<String>) -> Self::Future {
+            assert_eq!(request.body(), "payload", "the body is sent again whole");
+            self.seen
+                .lock()
+                .unwrap()
+                .push((request.method().clone(), Instant::now()));
+            let answer = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop()
+                .unwrap_or(Answer::Status(200, &[]));
+            std::future::ready(match answer {
+                Answer::Status(code, headers) => {
+                    let mut response = Response::new(());
+                    *response.status_mut() = StatusCode::from_u16(code).unwrap();
+                    for (name, value) in headers {
+                        response.headers_mut().insert(*name, value.parse().unwrap());
+                    }
+                    Ok(response)
+                }
+                Answer::Fail(make) => Err(make()),
+            })
+        }
+    }
+
+    const REFUSED: Answer = Answer::Status(503, &[("tower-scale-rejected", "draining")]);
+
+    async fn send(policy: SafeRetry, script: &Script) -> Result<Response<()>, BoxError> {
+        let client = ServiceBuilder::new()
+            .layer(policy.into_layer())
+            .service(script.clone());
+        let request = Request::post("http://backend/orders")
+            .body("payload".to_owned())
+            .unwrap();
+        client.oneshot(request).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_posts_are_retried_and_other_failures_are_not() {
+        let script = Script::new(vec![REFUSED, REFUSED]);
+        let response = send(SafeRetry::new(), &script).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(script.attempts(), 3);
+        assert!(script
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(m, _)| m == http::Method::POST));
+
+        for answer in [
+            Answer::Status(503, &[]),
+            Answer::Status(500, &[]),
+            Answer::Status(429, &[("retry-after", "1")]),
+            Answer::Fail(|| tower::timeout::error::Elapsed::new().into()),
+            Answer::Fail(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()),
+        ] {
+            let script = Script::new(vec![answer]);
+            let _ = send(SafeRetry::new(), &script).await;
+            assert_eq!(script.attempts(), 1, "work may have started: not retried");
+        }
+    }
+
+    #[derive(Debug)]
+    struct Connect(std::io::Error);
+
+    impl std::fmt::Display for Connect {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Connect {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_before_work_found_in_errors_are_retried() {
+        let script = Script::new(vec![
+            Answer::Fail(|| Draining::new().into()),
+            Answer::Fail(|| QueueFull::new().into()),
+            Answer::Fail(|| {
+                Connect(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)).into()
+            }),
+        ]);
+        let response = send(SafeRetry::new(), &script).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(script.attempts(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_up_to_max_wait() {
+        const WAIT_2S: Answer = Answer::Status(
+            503,
+            &[("tower-scale-rejected", "queue_full"), ("retry-after", "2")],
+        );
+        let script = Script::new(vec![WAIT_2S]);
+        send(SafeRetry::new(), &script).await.unwrap();
+        let times = script.times();
+        assert_eq!(times[1] - times[0], Duration::from_secs(2));
+
+        let script = Script::new(vec![WAIT_2S]);
+        let policy = SafeRetry::builder()
+            .max_wait(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let response = send(policy, &script).await.unwrap();
+        assert_eq!(
+            response.status(),
+            503,
+            "asked to wait too long: not retried"
+        );
+        assert_eq!(script.attempts(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_max_retries_and_back_off_after_the_first() {
+        let script = Script::new(vec![REFUSED; 10]);
+        let policy = SafeRetry::builder()
+            .max_retries(4)
+            .backoff(Duration::from_millis(10), Duration::from_millis(15))
+            .build()
+            .unwrap();
+        let response = send(policy, &script).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(script.attempts(), 5);
+        let times = script.times();
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps[0], Duration::ZERO, "the first retry goes at once");
+        for (gap, cap) in gaps[1..].iter().zip([10, 15, 15]) {
+            assert!(*gap <= Duration::from_millis(cap), "{gaps:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_budget_stops_retries() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let prometheus = recorder.handle();
+        let policy = metrics::with_local_recorder(&recorder, || {
+            SafeRetry::builder()
+                .budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0))
+                .name("client")
+                .build()
+                .unwrap()
+        });
+        let script = Script::new(vec![REFUSED]);
+        let response = send(policy, &script).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(script.attempts(), 1);
+        let text = prometheus.render();
+        assert!(
+            text.contains(
+                r#"tower_scale_retries_total{name="client",outcome="budget_exhausted"} 1"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_backoff_is_refused_naming_the_field() {
+        let zero = SafeRetry::builder().backoff(Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(zero.build().unwrap_err().field(), "backoff.base");
+        let inverted = SafeRetry::builder().backoff(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(inverted.build().unwrap_err().field(), "backoff.max");
+    }
+}
