@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
 use tower_scale::drain::Drain;
+use tower_scale::health::HealthChecks;
 use tower_scale::http::{ErrorResponseLayer, REJECTED_HEADER};
 
 use crate::support::{bounded, wait_until};
@@ -135,20 +136,8 @@ fn app(drain: &Drain, reached: Arc<Reached>) -> Router {
                 .layer(drain.layer().release_on_body_end()),
         );
     // The readiness probe stays outside the drain: it must answer during it.
-    let probe = drain.clone();
-    api.route(
-        "/ready",
-        get(move || {
-            let draining = probe.is_draining();
-            async move {
-                if draining {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::OK
-                }
-            }
-        }),
-    )
+    let checks = HealthChecks::builder().drain(drain).build().unwrap();
+    api.route_service("/ready", checks.readiness_service())
 }
 
 /// How one request ended, from the client's side.
