@@ -40,11 +40,21 @@ use crate::metrics_util::{self, DEFAULT_NAME};
 ///   connection was never made, so the server never saw the request (hyper's
 ///   client reports it this way).
 ///
-/// Nothing else is retried: not a 503 without the marker (the application may
-/// have done part of the work), not a timeout, not a connection reset or a
-/// connection closed mid-request (the server may have started the work).
-/// hyper-util's client already resends on its own a request that it could not
-/// write because a pooled connection had just been closed.
+/// Nothing else is retried for every method: not a 503 without the marker (the
+/// application may have done part of the work), not a timeout, not a
+/// connection reset or closed before the response (the server may have started
+/// the work).
+///
+/// Idempotent requests (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`,
+/// RFC 9110 §9.2.2) are also retried when the connection closed before a
+/// response came (hyper's "connection closed before message completed", a
+/// reset, an aborted connection, a broken pipe), unless
+/// [`retry_idempotent_on_reset(false)`](SafeRetryBuilder::retry_idempotent_on_reset):
+/// sending them twice has the effect of sending them once. This covers the
+/// race every HTTP/1 keep-alive client has with a server that closes an idle
+/// connection (as a draining server does) just as a request is sent on it.
+/// hyper-util's client resends on its own a request that it could not write
+/// at all.
 ///
 /// # Why it is safe for any method
 ///
@@ -109,6 +119,7 @@ struct Shared {
     max_wait: Duration,
     backoff_base: Duration,
     backoff_max: Duration,
+    idempotent_on_reset: bool,
     hasher: RandomState,
     /// Hashed with `hasher` for the jitter.
     seq: AtomicU64,
@@ -123,6 +134,7 @@ pub struct SafeRetryBuilder {
     max_retries: u32,
     max_wait: Duration,
     backoff: (Duration, Duration),
+    idempotent_on_reset: bool,
     name: String,
 }
 
@@ -142,6 +154,7 @@ impl SafeRetry {
             max_retries: 3,
             max_wait: Duration::from_secs(2),
             backoff: (Duration::from_millis(5), Duration::from_millis(250)),
+            idempotent_on_reset: true,
             name: DEFAULT_NAME.to_owned(),
         }
     }
@@ -171,6 +184,29 @@ impl SafeRetry {
         while let Some(err) = current {
             if let Some(io) = err.downcast_ref::<std::io::Error>() {
                 if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return true;
+                }
+            }
+            current = err.source();
+        }
+        false
+    }
+
+    /// Whether `err` says the connection closed before a response came.
+    pub fn is_reset_error(err: &(dyn StdError + 'static)) -> bool {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        let mut current = Some(err);
+        while let Some(err) = current {
+            if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+                if hyper.is_incomplete_message() || hyper.is_canceled() {
+                    return true;
+                }
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                ) {
                     return true;
                 }
             }
@@ -269,6 +305,13 @@ impl SafeRetryBuilder {
         self
     }
 
+    /// Whether idempotent requests are retried when the connection closed
+    /// before a response came (default true); see [`SafeRetry`].
+    pub fn retry_idempotent_on_reset(mut self, retry: bool) -> Self {
+        self.idempotent_on_reset = retry;
+        self
+    }
+
     /// The `name` label of the policy's metrics (default `"default"`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -301,6 +344,7 @@ impl SafeRetryBuilder {
                 max_wait: self.max_wait,
                 backoff_base: base,
                 backoff_max: max,
+                idempotent_on_reset: self.idempotent_on_reset,
                 hasher: RandomState::new(),
                 seq: AtomicU64::new(0),
                 retried: counter("retried"),
@@ -309,6 +353,19 @@ impl SafeRetryBuilder {
             retries: 0,
         })
     }
+}
+
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
 }
 
 /// Seconds from a `Retry-After` header; an HTTP date or garbage counts as
@@ -327,7 +384,7 @@ where
 
     fn retry(
         &mut self,
-        _request: &mut Request<B>,
+        request: &mut Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Self::Future> {
         let wait = match result {
@@ -336,7 +393,11 @@ where
                 self.decide(refused, refused.then(|| retry_after(response)).flatten())?
             }
             Err(err) => {
-                let refused = Self::is_refused_error(err.as_ref());
+                let err = err.as_ref();
+                let refused = Self::is_refused_error(err)
+                    || (self.shared.idempotent_on_reset
+                        && is_idempotent(request.method())
+                        && Self::is_reset_error(err));
                 self.decide(refused, None)?
             }
         };

@@ -298,6 +298,7 @@ mod retry {
             Answer::Status(429, &[("retry-after", "1")]),
             Answer::Fail(|| tower::timeout::error::Elapsed::new().into()),
             Answer::Fail(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()),
+            Answer::Fail(|| std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
         ] {
             let script = Script::new(vec![answer]);
             let _ = send(SafeRetry::new(), &script).await;
@@ -317,6 +318,38 @@ mod retry {
     impl std::error::Error for Connect {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.0)
+        }
+    }
+
+    /// A connection closed before the response: retried for idempotent
+    /// methods only, and not at all when turned off.
+    #[tokio::test(start_paused = true)]
+    async fn resets_are_retried_for_idempotent_methods_only() {
+        let reset =
+            || Answer::Fail(|| std::io::Error::from(std::io::ErrorKind::ConnectionReset).into());
+        for (method, retry, attempts) in [
+            (http::Method::GET, true, 2),
+            (http::Method::PUT, true, 2),
+            (http::Method::DELETE, true, 2),
+            (http::Method::POST, true, 1),
+            (http::Method::PATCH, true, 1),
+            (http::Method::GET, false, 1),
+        ] {
+            let script = Script::new(vec![reset()]);
+            let policy = SafeRetry::builder()
+                .retry_idempotent_on_reset(retry)
+                .build()
+                .unwrap();
+            let client = ServiceBuilder::new()
+                .layer(policy.into_layer())
+                .service(script.clone());
+            let request = Request::builder()
+                .method(method.clone())
+                .uri("http://backend/orders")
+                .body("payload".to_owned())
+                .unwrap();
+            let _ = client.oneshot(request).await;
+            assert_eq!(script.attempts(), attempts, "{method} with retry {retry}");
         }
     }
 

@@ -6,4 +6,5 @@
 mod support;
 
 mod grpc;
+mod rolling;
 mod serve;
