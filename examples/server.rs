@@ -10,6 +10,7 @@
 //! ```text
 //! curl -i 'http://127.0.0.1:3000/work?ms=50'   # 200, or 503 with Retry-After when overloaded
 //! curl http://127.0.0.1:3000/health            # always answers: it is outside the stack
+//! curl -i http://127.0.0.1:3000/ready           # 200, or 503 once a drain has started
 //! curl http://127.0.0.1:3000/metrics           # Prometheus text
 //! ```
 //!
@@ -31,6 +32,8 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
+use tower_scale::drain::{shutdown_signal, Drain};
+use tower_scale::health::HealthChecks;
 use tower_scale::http::{ErrorResponseLayer, REJECTED_HEADER};
 use tower_scale::limit::{ConcurrencyLimitLayer, LimitHandle};
 use tower_scale::queue::{Order, QueueHandle, QueueLayer};
@@ -64,8 +67,13 @@ async fn main() -> Result<(), BoxError> {
         queue: queue.handle(),
         metrics,
     };
+    // The drain counts every call until its body ends; on SIGTERM or Ctrl-C
+    // readiness goes down, then new calls are refused and the rest finish.
+    let drain = Drain::new().name("api");
+    let readiness = HealthChecks::builder().drain(&drain).build()?;
     let admission = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new()) // every rejection -> 503 + Retry-After
+        .layer(drain.layer().release_on_body_end()) // finish what was accepted
         .layer(LoadShedLayer::new().name("api")) // never wait for readiness
         .layer(queue) // at most QUEUE waiting, each for at most QUEUE_TIMEOUT_MS
         .layer(limit); // at most LIMIT running
@@ -79,6 +87,7 @@ async fn main() -> Result<(), BoxError> {
         .merge(
             Router::new()
                 .route("/health", get(health))
+                .route_service("/ready", readiness.readiness_service())
                 .route(
                     "/metrics",
                     get(|State(p): State<Probes>| async move { p.metrics.render() }),
@@ -94,14 +103,17 @@ async fn main() -> Result<(), BoxError> {
     );
 
     if config.self_test {
-        return self_test(listener, app).await;
+        return self_test(listener, app, drain).await;
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            println!("shutting down: finishing the requests in flight");
-        })
-        .await?;
+    let serve = axum::serve(listener, app).with_graceful_shutdown(drain.signaled());
+    let server = tokio::spawn(async move { serve.await });
+    shutdown_signal().await;
+    println!("shutting down: finishing the requests in flight");
+    let timeout = Duration::from_secs(30);
+    let report = drain.drain(timeout).await;
+    println!("{report}");
+    // axum's serve has no deadline of its own: give it what is left of ours.
+    let _ = tokio::time::timeout(timeout.saturating_sub(report.elapsed()), server).await;
     Ok(())
 }
 
@@ -138,17 +150,11 @@ async fn health(State(p): State<Probes>) -> impl axum::response::IntoResponse {
 
 /// Serves on `listener` while one burst of requests hits `/work`, each on a
 /// connection of its own, then prints how they were answered and the metrics.
-async fn self_test(listener: TcpListener, app: Router) -> Result<(), BoxError> {
+async fn self_test(listener: TcpListener, app: Router, drain: Drain) -> Result<(), BoxError> {
     const BURST: usize = 200;
     let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let serve = axum::serve(listener, app).with_graceful_shutdown(drain.signaled());
+    let server = tokio::spawn(async move { serve.await });
 
     println!("self-test: {BURST} concurrent GET /work?ms=50, one connection each");
     let burst: Vec<_> = (0..BURST)
@@ -188,7 +194,9 @@ async fn self_test(listener: TcpListener, app: Router) -> Result<(), BoxError> {
     lines.sort();
     lines.iter().for_each(|line| println!("  {line}"));
 
-    let _ = stop.send(());
+    // Shut down the way SIGTERM does: drain, then let the server close.
+    let report = drain.drain(Duration::from_secs(10)).await;
+    println!("{report}");
     server.await??;
     match failed {
         0 => Ok(()),

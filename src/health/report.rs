@@ -280,8 +280,9 @@ impl Serialize for Readiness {
 /// The liveness body: the process answers, so it is alive.
 pub(crate) const LIVE: &str = r#"{"status":"pass"}"#;
 
+/// Milliseconds with microsecond precision (`0.189`, not `0.18915300000000002`).
 fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
+    duration.as_micros() as f64 / 1000.0
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {

@@ -208,15 +208,15 @@ async fn rolling_restart_under_load_fails_no_request() {
     })
     .await;
     let mut reports = Vec::new();
-    for i in 0..backends.len() {
-        let backend = backends[i].take().unwrap();
+    for slot in backends.iter_mut() {
+        let backend = slot.take().unwrap();
         let (report, addr, served) = backend.stop().await;
         reports.push(report);
         tokio::time::sleep(Duration::from_millis(50)).await; // down for a while
         let served_before = served.load(SeqCst);
         let backend = Backend::start(addr, served).await;
         let counter = backend.served.clone();
-        backends[i] = Some(backend);
+        *slot = Some(backend);
         wait_until("the restarted backend to get traffic back", || {
             counter.load(SeqCst) > served_before + 20
         })
