@@ -12,7 +12,9 @@
 //! | [`queue`] | [`QueueLayer`](queue::QueueLayer) | a bounded admission queue with a timeout, FIFO, LIFO or adaptive LIFO |
 //! | [`shed`] | [`LoadShedLayer`](shed::LoadShedLayer) | fail at once with [`Overloaded`](error::Overloaded) when the inner service is not ready |
 //! | [`breaker`] | [`CircuitBreakerLayer`](breaker::CircuitBreakerLayer) | stop calling what keeps failing, probe it, close when it recovers; fail fast, or not-ready inside a balancer |
-//! | `http` | `ErrorResponseLayer` | turns every rejection into an HTTP response (feature `http`) |
+//! | [`drain`] | [`DrainLayer`](drain::DrainLayer) from a [`Drain`](drain::Drain) | graceful shutdown: readiness down, then refusals, then wait for every call in flight, within a deadline |
+//! | `http` | `ErrorResponseLayer`, `SafeRetry` | turns every rejection into an HTTP response; retries on the client what was refused before any work (feature `http`) |
+//! | `health` | `HealthChecks` | application checks in the background; health, readiness (follows the drain) and liveness services (feature `health`) |
 //!
 //! # Example
 //!
@@ -40,8 +42,8 @@
 //! # Ordering the layers
 //!
 //! ```text
-//!   request ─▶ ErrorResponse ─▶ LoadShed ─▶ Queue ─▶ CircuitBreaker ─▶ Timeout ─▶ ConcurrencyLimit ─▶ app
-//!   response ◀─ 503 / 504 / 500 ◀─ Overloaded ◀─ QueueFull, QueueTimeout ◀─ CircuitOpen ◀─ Elapsed
+//!   request ─▶ ErrorResponse ─▶ Drain ─▶ LoadShed ─▶ Queue ─▶ CircuitBreaker ─▶ Timeout ─▶ ConcurrencyLimit ─▶ app
+//!   response ◀─ 503 / 504 / 500 ◀─ Draining ◀─ Overloaded ◀─ QueueFull, QueueTimeout ◀─ CircuitOpen ◀─ Elapsed
 //! ```
 //!
 //! - **The limit is innermost.** It decides how much work runs at once; it never
@@ -59,6 +61,10 @@
 //!   `poll_ready` Pending, and `LoadShed` turns that into an immediate
 //!   [`Overloaded`](error::Overloaded); with the default mode the queue answers
 //!   [`QueueFull`](error::QueueFull) itself and `LoadShed` simply passes calls on.
+//! - **The drain sits just inside the error mapping.** It counts every call
+//!   the server admitted, including those still waiting in the queue, so a
+//!   shutdown waits for them; and once it refuses, a refused request takes no
+//!   queue slot or permit.
 //! - **Errors become responses outermost.** `ErrorResponseLayer` maps every
 //!   rejection to a status code, so axum gets a service whose error is
 //!   `Infallible` and no `HandleErrorLayer` is needed.
