@@ -6,7 +6,9 @@
 //! Stacks (each wraps the same inner service, `Echo`):
 //!
 //! - `baseline`: the bare inner service; subtract it to get a layer's overhead.
-//! - `ours/ConcurrencyLimit`, `ours/LoadShed`, `ours/LoadShed+Queue+ConcurrencyLimit`.
+//! - `ours/ConcurrencyLimit`, `ours/LoadShed`, `ours/LoadShed+Queue+ConcurrencyLimit`,
+//!   `ours/Drain` (a serving drain: it counts every call) and
+//!   `ours/Drain+LoadShed+Queue+ConcurrencyLimit`.
 //! - `tower/ConcurrencyLimit`, `tower/GlobalConcurrencyLimit`, `tower/LoadShed`,
 //!   `tower/LoadShed+Buffer+ConcurrencyLimit`.
 //!
@@ -81,6 +83,7 @@ fn for_each_stack(rt: &Runtime, v: &mut impl Visit) {
     let _enter = rt.enter();
 
     v.visit("baseline", Echo);
+    let drain = tower_scale::drain::Drain::new();
 
     v.visit(
         "ours/ConcurrencyLimit",
@@ -97,6 +100,19 @@ fn for_each_stack(rt: &Runtime, v: &mut impl Visit) {
     v.visit(
         "ours/LoadShed+Queue+ConcurrencyLimit",
         ServiceBuilder::new()
+            .layer(LoadShedLayer::new())
+            .layer(QueueLayer::new(QUEUE, QUEUE_TIMEOUT))
+            .layer(ConcurrencyLimitLayer::new(LIMIT))
+            .service(Echo),
+    );
+    v.visit(
+        "ours/Drain",
+        ServiceBuilder::new().layer(drain.layer()).service(Echo),
+    );
+    v.visit(
+        "ours/Drain+LoadShed+Queue+ConcurrencyLimit",
+        ServiceBuilder::new()
+            .layer(drain.layer())
             .layer(LoadShedLayer::new())
             .layer(QueueLayer::new(QUEUE, QUEUE_TIMEOUT))
             .layer(ConcurrencyLimitLayer::new(LIMIT))

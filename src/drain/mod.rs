@@ -70,6 +70,22 @@
 //! # }
 //! ```
 //!
+//! # With tonic
+//!
+//! tonic's `Server::layer` wraps every service, the health service included,
+//! so route the health service around the drain (see `tests/lifecycle/grpc.rs`
+//! for a path-based bypass) or accept that probes are refused once refusals
+//! begin. Use `.release_on_body_end()` (the gRPC status travels in trailers,
+//! and a streaming response ends with its body), pass [`Drain::signaled`] to
+//! `serve_with_shutdown`, and with feature `tonic` let
+//! [`Drain::report_to_tonic_health`] set the `tonic-health` reporter to
+//! `NOT_SERVING` when the drain starts: it only ever sets `NOT_SERVING`, so set
+//! your services `SERVING` yourself at startup (a service the reporter has
+//! never heard of answers `NOT_FOUND`). Until the gRPC mapping lands, a call
+//! refused with [`Draining`] reaches tonic as a plain service error, which
+//! hyper turns into a stream reset (`INTERNAL` on the client), not
+//! `UNAVAILABLE`; it still never reaches the handler.
+//!
 //! # Metrics and events
 //!
 //! With the drain's `name` label (default `"default"`): `tower_scale_draining`
@@ -202,7 +218,10 @@ impl Drain {
         Signal::new(async move {
             shared.wait_until(|shared| shared.phase() != SERVING).await;
             if let Some(refuse_at) = shared.refuse_at() {
-                tokio::time::sleep_until(refuse_at).await;
+                // The delay ends, or a drain's timeout cuts it short.
+                let delay = std::pin::pin!(tokio::time::sleep_until(refuse_at));
+                let refusing = std::pin::pin!(shared.wait_until(|s| s.phase() == REFUSING));
+                first(delay, refusing).await;
             }
             shared.refuse_if_due();
         })
@@ -358,6 +377,22 @@ impl fmt::Debug for Signal {
     }
 }
 
+/// Resolves when either future does.
+async fn first<A, B>(mut a: Pin<&mut A>, mut b: Pin<&mut B>)
+where
+    A: Future<Output = ()>,
+    B: Future<Output = ()>,
+{
+    std::future::poll_fn(|cx| {
+        if a.as_mut().poll(cx).is_ready() || b.as_mut().poll(cx).is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 /// Resolves when the process receives SIGTERM (what Kubernetes, systemd and
 /// `docker stop` send) or Ctrl-C (SIGINT); Ctrl-C alone where SIGTERM does not
 /// exist. If a handler cannot be installed, the failure is logged and the other
@@ -384,16 +419,7 @@ pub async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
-    let mut ctrl_c = std::pin::pin!(ctrl_c);
-    let mut terminate = std::pin::pin!(terminate);
-    std::future::poll_fn(|cx| {
-        if ctrl_c.as_mut().poll(cx).is_ready() || terminate.as_mut().poll(cx).is_ready() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
+    first(std::pin::pin!(ctrl_c), std::pin::pin!(terminate)).await;
     tracing::info!("shutdown signal received");
 }
 

@@ -161,6 +161,25 @@ async fn a_timeout_shorter_than_the_delay_cuts_the_delay_short() {
     assert!(svc.call(0).await.unwrap_err().is::<Draining>());
 }
 
+/// When a drain's timeout cuts the readiness delay short, the server is told
+/// to stop accepting at the same moment refusals begin.
+#[tokio::test(start_paused = true)]
+async fn signaled_follows_refusals_that_a_timeout_started_early() {
+    let drain = Drain::new().readiness_delay(Duration::from_secs(10));
+    let signaled = tokio::spawn(drain.signaled());
+    let report = tokio::spawn(drain.drain(Duration::from_secs(1)));
+    settle().await;
+    assert!(!signaled.is_finished());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    settle().await;
+    assert!(report.is_finished());
+    assert!(drain.is_refusing());
+    assert!(
+        signaled.is_finished(),
+        "signaled resolves with the early refusals"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropped_failed_and_panicking_calls_do_not_hold_the_drain() {
     let drain = Drain::new();
