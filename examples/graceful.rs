@@ -154,8 +154,8 @@ async fn self_test(addr: SocketAddr, drain: Drain) -> Result<(), BoxError> {
     }
     println!("self-test: a 600 ms request is in flight; sending SIGTERM");
     #[cfg(unix)]
-    std::process::Command::new("kill")
-        .args(["-TERM", &std::process::id().to_string()])
+    std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", std::process::id())])
         .status()?;
     #[cfg(not(unix))]
     drain.start();

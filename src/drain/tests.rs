@@ -373,8 +373,8 @@ async fn shutdown_signal_resolves_on_sigterm() {
         tokio::task::yield_now().await;
     }
     assert!(!signal.is_finished());
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &std::process::id().to_string()])
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", std::process::id())])
         .status()
         .expect("run kill");
     assert!(status.success());
