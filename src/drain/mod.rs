@@ -7,10 +7,14 @@
 //!
 //! 1. **Serving.** Every call is admitted; [`Drain::is_draining`] is false.
 //! 2. **Started** ([`Drain::start`], or [`Drain::drain`]). Readiness turns to 503
-//!    (the [`health`](crate::health) readiness probe follows
-//!    [`Drain::is_draining`]) while new calls are still admitted, for
+//!    (the `health` readiness probe follows [`Drain::is_draining`]) while new
+//!    calls are still admitted, for
 //!    [`readiness_delay`](Drain::readiness_delay) (default 0): long enough for
-//!    the load balancer to see the failed probe and stop sending.
+//!    the load balancer to see the failed probe and stop sending. With
+//!    [`DrainLayer::release_on_body_end`], every HTTP/1.x response from now on
+//!    carries `Connection: close`, so keep-alive clients (a proxy's connection
+//!    pool, kube-proxy's per-connection routing) reconnect elsewhere before
+//!    refusals begin, the way Envoy's gradual drain does.
 //! 3. **Refusing.** New calls fail with [`Draining`] without reaching the inner
 //!    service (the `http` mapping answers 503 with the
 //!    `tower-scale-rejected: draining` marker, and `Connection: close` on
@@ -110,7 +114,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use self::layer::DrainLayer;
-pub use self::service::{DrainService, InFlight, ResponseFuture};
+pub use self::service::{ConnectionPolicy, DrainService, InFlight, ResponseFuture};
 pub use crate::error::Draining;
 #[cfg(feature = "http")]
 pub use crate::limit::OnBodyEnd;

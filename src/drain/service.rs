@@ -7,8 +7,34 @@ use std::task::{ready, Context, Poll};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use super::shared::{Shared, REFUSING};
+use super::shared::{Shared, REFUSING, SERVING};
 use super::{Draining, ReleasePolicy};
+use crate::limit::sealed::Sealed;
+
+/// Whether a drain may ask a client to close the connection a request came
+/// on: for HTTP/1.x requests under [`OnBodyEnd`](super::OnBodyEnd); never
+/// under [`OnResponse`](super::OnResponse). Sealed.
+pub trait ConnectionPolicy<R>: Sealed {
+    /// Whether responses to `request` may carry `Connection: close`.
+    fn may_close(&self, request: &R) -> bool;
+}
+
+impl<R> ConnectionPolicy<R> for super::OnResponse {
+    #[inline]
+    fn may_close(&self, _: &R) -> bool {
+        false
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B> ConnectionPolicy<::http::Request<B>> for super::OnBodyEnd {
+    #[inline]
+    fn may_close(&self, request: &::http::Request<B>) -> bool {
+        // HTTP/2 has no `Connection` header (hyper strips it and warns); its
+        // server sends GOAWAY when it shuts down instead.
+        request.version() <= ::http::Version::HTTP_11
+    }
+}
 use crate::error::BoxError;
 
 /// Counts calls for a [`Drain`](super::Drain) and refuses new ones once
@@ -70,7 +96,7 @@ impl<S, P, Request> Service<Request> for DrainService<S, P>
 where
     S: Service<Request>,
     S::Error: Into<BoxError>,
-    P: ReleasePolicy<S::Response>,
+    P: ReleasePolicy<S::Response> + ConnectionPolicy<Request>,
 {
     type Response = P::Output<InFlight>;
     type Error = BoxError;
@@ -91,15 +117,18 @@ where
                 inner: None,
                 in_flight: None,
                 policy: self.policy.clone(),
+                may_close: false,
             };
         }
         let in_flight = InFlight {
             shared: self.shared.clone(),
         };
+        let may_close = self.policy.may_close(&request);
         ResponseFuture {
             inner: Some(self.inner.call(request)),
             in_flight: Some(in_flight),
             policy: self.policy.clone(),
+            may_close,
         }
     }
 }
@@ -133,6 +162,7 @@ pin_project! {
         inner: Option<F>,
         in_flight: Option<InFlight>,
         policy: P,
+        may_close: bool,
     }
 }
 
@@ -155,7 +185,14 @@ where
             .take()
             .expect("ResponseFuture polled after completion");
         Poll::Ready(match result {
-            Ok(response) => Ok(this.policy.attach(response, in_flight)),
+            Ok(mut response) => {
+                // Once the drain has started, move HTTP/1 keep-alive clients
+                // off this instance before refusals begin.
+                if *this.may_close && in_flight.shared.phase() != SERVING {
+                    this.policy.close_connection(&mut response);
+                }
+                Ok(this.policy.attach(response, in_flight))
+            }
             Err(err) => Err(err.into()),
         })
     }

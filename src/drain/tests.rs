@@ -354,6 +354,34 @@ mod http {
         assert_eq!((report.completed(), report.in_flight()), (1, 0));
     }
 
+    /// Once the drain has started, HTTP/1.x responses ask the client to close
+    /// the connection; HTTP/2 responses and responses before the drain do not.
+    #[tokio::test(start_paused = true)]
+    async fn http1_responses_close_the_connection_once_draining() {
+        let drain = Drain::new().readiness_delay(Duration::from_secs(1));
+        let app = tower::service_fn(|_: ::http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(::http::Response::new(String::from("ok")))
+        });
+        let mut svc = drain.layer().release_on_body_end().layer(app);
+        let mut send = |version| {
+            let mut request = ::http::Request::new(());
+            *request.version_mut() = version;
+            svc.call(request)
+        };
+        let close = |response: &::http::Response<_>| {
+            response.headers().get(::http::header::CONNECTION).cloned()
+        };
+        let before = send(::http::Version::HTTP_11).await.unwrap();
+        assert_eq!(close(&before), None);
+        drain.start();
+        let h1 = send(::http::Version::HTTP_11).await.unwrap();
+        assert_eq!(close(&h1).unwrap(), "close");
+        let h10 = send(::http::Version::HTTP_10).await.unwrap();
+        assert_eq!(close(&h10).unwrap(), "close");
+        let h2 = send(::http::Version::HTTP_2).await.unwrap();
+        assert_eq!(close(&h2), None);
+    }
+
     /// The receiver as a `Stream`, without pulling in tokio-stream.
     fn tokio_stream_shim(
         mut rx: mpsc::Receiver<Frame>,

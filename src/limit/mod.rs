@@ -144,9 +144,14 @@ pub trait ReleasePolicy<T>: Clone + sealed::Sealed {
 
     /// Attaches `guard` to `response`, or drops it.
     fn attach<G>(&self, response: T, guard: G) -> Self::Output<G>;
+
+    /// Asks the client to close the connection after `response` (HTTP/1.x:
+    /// `Connection: close`); nothing for other responses. Used by the drain.
+    #[doc(hidden)]
+    fn close_connection(&self, _response: &mut T) {}
 }
 
-mod sealed {
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
@@ -186,6 +191,13 @@ impl<B: http_body::Body> ReleasePolicy<::http::Response<B>> for OnBodyEnd {
 
     fn attach<G>(&self, response: ::http::Response<B>, guard: G) -> Self::Output<G> {
         response.map(|body| crate::http::GuardBody::new(body, guard))
+    }
+
+    fn close_connection(&self, response: &mut ::http::Response<B>) {
+        response.headers_mut().insert(
+            ::http::header::CONNECTION,
+            ::http::HeaderValue::from_static("close"),
+        );
     }
 }
 

@@ -163,6 +163,8 @@ struct Log {
     first_ready_503: Mutex<Option<u64>>,
     first_refusal: Mutex<Option<u64>>,
     refused_connections: AtomicU64,
+    /// 200 responses that asked the client to close the connection.
+    closing_whole: AtomicU64,
 }
 
 impl Log {
@@ -242,7 +244,17 @@ async fn http1_loop(addr: SocketAddr, name: String, log: Arc<Log>, stop: Arc<Ato
                 .body(Empty::new())
                 .unwrap();
             let outcome = match bounded("a response head", sender.send_request(request)).await {
-                Ok(response) => read(response, kind, &id).await,
+                Ok(response) => {
+                    if response
+                        .headers()
+                        .get(header::CONNECTION)
+                        .is_some_and(|v| v == "close")
+                        && response.status() == StatusCode::OK
+                    {
+                        log.closing_whole.fetch_add(1, SeqCst);
+                    }
+                    read(response, kind, &id).await
+                }
                 Err(err) => Outcome::Closed(err.to_string()),
             };
             let closed = matches!(outcome, Outcome::Closed(_) | Outcome::Draining);
@@ -393,8 +405,10 @@ async fn drain_under_load_finishes_every_started_request_and_refuses_the_rest() 
         .filter(|(_, o)| matches!(o, Outcome::Cut(_) | Outcome::Status(_)))
         .collect();
     println!(
-        "{report}; {in_flight_at_start} in flight at the start; clients saw {whole} whole, \
-         {draining} draining, {} closed, {} refused connections",
+        "{report}; {in_flight_at_start} in flight at the start; clients saw {whole} whole \
+         ({} asking to close the connection), {draining} draining, {} closed, {} refused \
+         connections",
+        log.closing_whole.load(SeqCst),
         closed.len(),
         log.refused_connections.load(SeqCst)
     );
@@ -433,6 +447,9 @@ async fn drain_under_load_finishes_every_started_request_and_refuses_the_rest() 
         ready_503 < refusal,
         "readiness 503 at {ready_503}, first refusal at {refusal}"
     );
+    // During the readiness delay, HTTP/1 responses moved clients off their
+    // keep-alive connections.
+    assert!(log.closing_whole.load(SeqCst) > 0);
     // The server is gone: new connections are refused.
     assert!(TcpStream::connect(addr).await.is_err());
 }
