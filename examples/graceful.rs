@@ -46,9 +46,10 @@ async fn main() -> Result<(), BoxError> {
     let addr = listener.local_addr()?;
 
     // 1. The drain: readiness down at SIGTERM, refusals after the delay.
-    let drain = Drain::new()
+    let drain = Drain::builder()
         .readiness_delay(flags.readiness_delay)
-        .name("api");
+        .name("api")
+        .build();
 
     // 2. Two application checks, run in the background every 2 s. The
     //    listener check is critical (no point taking traffic if we cannot

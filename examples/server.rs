@@ -69,7 +69,7 @@ async fn main() -> Result<(), BoxError> {
     };
     // The drain counts every call until its body ends; on SIGTERM or Ctrl-C
     // readiness goes down, then new calls are refused and the rest finish.
-    let drain = Drain::new().name("api");
+    let drain = Drain::builder().name("api").build();
     let readiness = HealthChecks::builder().drain(&drain).build()?;
     let admission = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new()) // every rejection -> 503 + Retry-After

@@ -9,7 +9,7 @@
 //! 2. **Started** ([`Drain::start`], or [`Drain::drain`]). Readiness turns to 503
 //!    (the `health` readiness probe follows [`Drain::is_draining`]) while new
 //!    calls are still admitted, for
-//!    [`readiness_delay`](Drain::readiness_delay) (default 0): long enough for
+//!    [`readiness_delay`](DrainBuilder::readiness_delay) (default 0): long enough for
 //!    the load balancer to see the failed probe and stop sending. With
 //!    [`DrainLayer::release_on_body_end`], every HTTP/1.x response from now on
 //!    carries `Connection: close`, so keep-alive clients (a proxy's connection
@@ -26,8 +26,12 @@
 //! are counted until their response future ends (completes, fails, panics or
 //! is dropped), or, with [`DrainLayer::release_on_body_end`] (feature `http`),
 //! until the HTTP response body ends, so a streaming response is not cut off by
-//! the exit. `poll_ready` adds no waiting of its own; refusals happen in
-//! `call`.
+//! the exit. `poll_ready` adds no waiting of its own (it is the inner
+//! service's until refusals begin, then always Ready without asking the inner
+//! service); refusals happen in `call`. Put the drain outside the layers
+//! that wait in `poll_ready` (the recommended stack has `LoadShed` just inside
+//! it), so that a caller is never left waiting in an inner `poll_ready` when
+//! refusals begin.
 //!
 //! # Example
 //!
@@ -42,7 +46,7 @@
 //! use tower_scale::drain::{shutdown_signal, Drain};
 //! use tower_scale::http::ErrorResponseLayer;
 //!
-//! let drain = Drain::new().readiness_delay(Duration::from_secs(5));
+//! let drain = Drain::builder().readiness_delay(Duration::from_secs(5)).build();
 //! let app = Router::new().route("/", get(|| async { "hello" })).layer(
 //!     ServiceBuilder::new()
 //!         .layer(ErrorResponseLayer::new())
@@ -135,30 +139,14 @@ pub struct Drain {
 impl Drain {
     /// A drain with no readiness delay and the metrics name `"default"`.
     pub fn new() -> Self {
-        Drain {
-            shared: Shared::new(DEFAULT_NAME.to_owned(), Duration::ZERO),
-        }
+        Self::builder().build()
     }
 
-    /// Sets how long readiness reports 503 before refusals begin (default 0):
-    /// at least the load balancer's probe interval times its failure threshold,
-    /// so that it stops sending before the instance stops accepting.
-    ///
-    /// This makes a new drain: call it while building, before the handle is
-    /// cloned or a layer is made.
-    pub fn readiness_delay(self, delay: Duration) -> Self {
-        Drain {
-            shared: Shared::new(self.shared.name.clone(), delay),
-        }
-    }
-
-    /// Sets the `name` label of the drain's metrics (default `"default"`).
-    ///
-    /// This makes a new drain: call it while building, before the handle is
-    /// cloned or a layer is made.
-    pub fn name(self, name: impl Into<String>) -> Self {
-        Drain {
-            shared: Shared::new(name.into(), self.shared.readiness_delay),
+    /// A builder, to set the readiness delay and the metrics name.
+    pub fn builder() -> DrainBuilder {
+        DrainBuilder {
+            readiness_delay: Duration::ZERO,
+            name: DEFAULT_NAME.to_owned(),
         }
     }
 
@@ -176,8 +164,17 @@ impl Drain {
         self.shared.start()
     }
 
-    /// Starts the drain if needed, then waits until no call is in flight, or
-    /// until `timeout` has passed since this call.
+    /// Starts the drain if needed and begins refusals now, cutting the
+    /// readiness delay short (for an operator who knows the load balancer has
+    /// already moved away, or a test).
+    pub fn refuse(&self) {
+        self.shared.start();
+        self.shared.refuse_now();
+    }
+
+    /// Starts the drain now if needed, then waits until no call is in flight,
+    /// or until `timeout` has passed since this call (`Duration::MAX` waits
+    /// without a deadline).
     ///
     /// The wait includes the readiness delay: calls are still admitted until it
     /// ends, so the drain is not complete before then, and a timeout shorter
@@ -185,13 +182,14 @@ impl Drain {
     /// call returns at once. The future owns what it needs (`Send + 'static`).
     pub fn drain(&self, timeout: Duration) -> impl Future<Output = DrainReport> + Send + 'static {
         let shared = self.shared.clone();
+        let deadline = deadline_after(timeout);
+        shared.start();
         async move {
-            let deadline = Instant::now() + timeout;
-            shared.start();
-            if let Some(refuse_at) = shared.refuse_at() {
-                if refuse_at > Instant::now() && shared.phase() != REFUSING {
-                    tokio::time::sleep_until(refuse_at.min(deadline)).await;
-                }
+            if shared.phase() != REFUSING {
+                let until = shared.refuse_at().map_or(deadline, |at| at.min(deadline));
+                let delay = std::pin::pin!(tokio::time::sleep_until(until));
+                let refusing = std::pin::pin!(shared.wait_until(|s| s.phase() == REFUSING));
+                first(delay, refusing).await;
             }
             shared.refuse_now();
             let idle = shared.wait_until(|shared| shared.in_flight() == 0);
@@ -221,11 +219,11 @@ impl Drain {
         let shared = self.shared.clone();
         Signal::new(async move {
             shared.wait_until(|shared| shared.phase() != SERVING).await;
-            if let Some(refuse_at) = shared.refuse_at() {
-                // The delay ends, or a drain's timeout cuts it short.
-                let delay = std::pin::pin!(tokio::time::sleep_until(refuse_at));
-                let refusing = std::pin::pin!(shared.wait_until(|s| s.phase() == REFUSING));
-                first(delay, refusing).await;
+            let refusing = std::pin::pin!(shared.wait_until(|s| s.phase() == REFUSING));
+            match shared.refuse_at() {
+                // The delay ends, or `refuse` or a drain's timeout cuts it short.
+                Some(at) => first(std::pin::pin!(tokio::time::sleep_until(at)), refusing).await,
+                None => refusing.await,
             }
             shared.refuse_if_due();
         })
@@ -237,6 +235,16 @@ impl Drain {
         Signal::new(async move {
             shared.wait_until(|shared| shared.phase() != SERVING).await;
         })
+    }
+
+    /// The readiness delay.
+    pub fn readiness_delay(&self) -> Duration {
+        self.shared.readiness_delay
+    }
+
+    /// The `name` label of the drain's metrics.
+    pub fn name(&self) -> &str {
+        &self.shared.name
     }
 
     /// Whether the drain has started: readiness should report 503.
@@ -289,6 +297,45 @@ impl Drain {
             tracing::info!(name = %name, services = ?names, "gRPC health set to NOT_SERVING");
         })
     }
+}
+
+/// Builds a [`Drain`]; see [`Drain::builder`].
+#[derive(Clone, Debug)]
+pub struct DrainBuilder {
+    readiness_delay: Duration,
+    name: String,
+}
+
+impl DrainBuilder {
+    /// How long readiness reports 503 before refusals begin (default 0): at
+    /// least the load balancer's probe interval times its failure threshold,
+    /// so that it stops sending before the instance stops accepting.
+    pub fn readiness_delay(mut self, delay: Duration) -> Self {
+        self.readiness_delay = delay;
+        self
+    }
+
+    /// The `name` label of the drain's metrics (default `"default"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The drain. Every setting is valid (a delay too long to add to the clock
+    /// means refusals begin only through [`Drain::refuse`] or a drain's
+    /// timeout), so this cannot fail.
+    pub fn build(self) -> Drain {
+        Drain {
+            shared: Shared::new(self.name, self.readiness_delay),
+        }
+    }
+}
+
+/// `timeout` from now, or a far future when that overflows the clock.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 impl Default for Drain {

@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use super::shared::{Shared, REFUSING, SERVING};
+use super::shared::{Shared, SERVING};
 use super::{Draining, ReleasePolicy};
 use crate::limit::sealed::Sealed;
 
@@ -105,7 +105,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Once refusing, `call` answers without the inner service: do not wait
         // for it (or take its permits) first.
-        if self.shared.phase() == REFUSING {
+        if self.shared.refuse_if_due() {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_ready(cx).map_err(Into::into)

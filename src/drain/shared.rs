@@ -98,9 +98,11 @@ impl Shared {
         self.started_at.get().copied()
     }
 
-    /// When refusals begin, once the drain has started.
+    /// When refusals begin, once the drain has started; `None` before, or
+    /// when the delay is too long to add to the clock (refusals then begin
+    /// only through `refuse_now`).
     pub(crate) fn refuse_at(&self) -> Option<Instant> {
-        self.started_at().map(|at| at + self.readiness_delay)
+        self.started_at()?.checked_add(self.readiness_delay)
     }
 
     /// Starts the drain; false if it had already started.

@@ -37,7 +37,7 @@ fn service(drain: &Drain) -> (DrainService<Tracked, OnResponse>, Tracked) {
 
 #[tokio::test(start_paused = true)]
 async fn phases_come_in_order_at_the_readiness_delay() {
-    let drain = Drain::new().readiness_delay(500 * MS);
+    let drain = Drain::builder().readiness_delay(500 * MS).build();
     let (mut svc, inner) = service(&drain);
     let started = tokio::spawn(drain.started());
     let signaled = tokio::spawn(drain.signaled());
@@ -83,7 +83,7 @@ async fn phases_come_in_order_at_the_readiness_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn calls_in_flight_complete_and_the_report_counts_exactly() {
-    let drain = Drain::new().readiness_delay(100 * MS);
+    let drain = Drain::builder().readiness_delay(100 * MS).build();
     let (mut svc, inner) = service(&drain);
     let before: Vec<_> = (0..3).map(|id| spawn_call(&mut svc, id)).collect();
     settle().await;
@@ -152,7 +152,9 @@ async fn the_timeout_is_honoured_and_reports_what_is_left() {
 
 #[tokio::test(start_paused = true)]
 async fn a_timeout_shorter_than_the_delay_cuts_the_delay_short() {
-    let drain = Drain::new().readiness_delay(Duration::from_secs(30));
+    let drain = Drain::builder()
+        .readiness_delay(Duration::from_secs(30))
+        .build();
     let (mut svc, _inner) = service(&drain);
     let report = drain.drain(Duration::from_secs(1)).await;
     assert_eq!(report.elapsed(), Duration::from_secs(1));
@@ -165,7 +167,9 @@ async fn a_timeout_shorter_than_the_delay_cuts_the_delay_short() {
 /// to stop accepting at the same moment refusals begin.
 #[tokio::test(start_paused = true)]
 async fn signaled_follows_refusals_that_a_timeout_started_early() {
-    let drain = Drain::new().readiness_delay(Duration::from_secs(10));
+    let drain = Drain::builder()
+        .readiness_delay(Duration::from_secs(10))
+        .build();
     let signaled = tokio::spawn(drain.signaled());
     let report = tokio::spawn(drain.drain(Duration::from_secs(1)));
     settle().await;
@@ -178,6 +182,58 @@ async fn signaled_follows_refusals_that_a_timeout_started_early() {
         signaled.is_finished(),
         "signaled resolves with the early refusals"
     );
+}
+
+/// Durations too long for the clock mean "no deadline" and "no timed end of
+/// the delay"; nothing panics, and `refuse` still ends the delay.
+#[tokio::test(start_paused = true)]
+async fn endless_durations_do_not_overflow() {
+    let drain = Drain::builder().readiness_delay(Duration::MAX).build();
+    let (mut svc, inner) = service(&drain);
+    let signaled = tokio::spawn(drain.signaled());
+    let report = tokio::spawn(drain.drain(Duration::MAX));
+    settle().await;
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    settle().await;
+    assert!(drain.is_draining() && !drain.is_refusing());
+    let admitted = spawn_call(&mut svc, 1);
+    settle().await;
+    assert_eq!(
+        inner.books.seen(),
+        vec![1],
+        "admitted during an endless delay"
+    );
+    assert!(!signaled.is_finished() && !report.is_finished());
+
+    drain.refuse();
+    settle().await;
+    assert!(signaled.is_finished(), "refuse() ends the delay");
+    assert!(svc.call(2).await.unwrap_err().is::<Draining>());
+    assert!(!report.is_finished(), "call 1 is still in flight");
+    inner.books.finish(1, End::Ok);
+    admitted.await.unwrap().unwrap();
+    let report = report.await.unwrap();
+    assert_eq!(
+        (report.completed(), report.in_flight(), report.refused()),
+        (1, 0, 1)
+    );
+}
+
+/// The timeout runs from the call to `drain`, not from the first poll, and
+/// the drain starts at the call.
+#[tokio::test(start_paused = true)]
+async fn the_timeout_runs_from_the_call() {
+    let drain = Drain::new();
+    let (mut svc, _inner) = service(&drain);
+    let _stuck = spawn_call(&mut svc, 0);
+    settle().await;
+    let report = drain.drain(Duration::from_secs(2));
+    assert!(drain.is_draining(), "started by the call");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    let report = report.await;
+    assert_eq!(Instant::now() - t, Duration::from_secs(1));
+    assert_eq!(report.in_flight(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -272,7 +328,7 @@ async fn metrics_follow_the_phases_and_refusals() {
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
     };
     let (drain, mut svc, inner) = metrics::with_local_recorder(&recorder, || {
-        let drain = Drain::new().name("api");
+        let drain = Drain::builder().name("api").build();
         let (svc, inner) = service(&drain);
         (drain, svc, inner)
     });
@@ -358,7 +414,9 @@ mod http {
     /// the connection; HTTP/2 responses and responses before the drain do not.
     #[tokio::test(start_paused = true)]
     async fn http1_responses_close_the_connection_once_draining() {
-        let drain = Drain::new().readiness_delay(Duration::from_secs(1));
+        let drain = Drain::builder()
+            .readiness_delay(Duration::from_secs(1))
+            .build();
         let app = tower::service_fn(|_: ::http::Request<()>| async {
             Ok::<_, std::convert::Infallible>(::http::Response::new(String::from("ok")))
         });
@@ -390,24 +448,171 @@ mod http {
     }
 }
 
-/// A real SIGTERM to this test process resolves the signal future (tokio's
-/// handler, once installed, keeps the process alive).
+/// A real SIGTERM resolves the signal future. It is sent to a child process
+/// (this test binary run again for this test alone), so that the other tests
+/// keep the default handler and a stray signal still stops the binary.
 #[cfg(unix)]
-#[tokio::test]
-async fn shutdown_signal_resolves_on_sigterm() {
-    let signal = tokio::spawn(shutdown_signal());
-    // Let the task install its handlers before the signal is sent.
-    for _ in 0..16 {
-        tokio::task::yield_now().await;
+#[test]
+fn shutdown_signal_resolves_on_sigterm() {
+    use std::io::BufRead as _;
+
+    const CHILD: &str = "TOWER_SCALE_SIGTERM_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let signal = tokio::spawn(shutdown_signal());
+            // Let the task install its handlers before saying so.
+            for _ in 0..16 {
+                tokio::task::yield_now().await;
+            }
+            println!("child: handlers installed");
+            tokio::time::timeout(Duration::from_secs(10), signal)
+                .await
+                .expect("SIGTERM within 10 s")
+                .unwrap();
+            println!("child: shutdown signal received");
+        });
+        return;
     }
-    assert!(!signal.is_finished());
-    let status = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {}", std::process::id())])
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "drain::tests::shutdown_signal_resolves_on_sigterm",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the test binary again");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("handlers installed"));
+    assert!(ready, "the child never installed its handlers");
+    let kill = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .expect("run kill");
-    assert!(status.success());
-    tokio::time::timeout(Duration::from_secs(10), signal)
-        .await
-        .expect("resolved within 10 s")
-        .unwrap();
+    assert!(kill.success());
+    // Read to the end: closing the pipe early would fail the child's output.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let received = rest.iter().any(|l| l.contains("signal received"));
+    let status = child.wait().unwrap();
+    assert!(received && status.success(), "child: {status}");
+}
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Call,
+        Finish(usize, End),
+        Drop(usize),
+        Start,
+        Refuse,
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Call),
+            3 => (any::<usize>(), prop_oneof![Just(End::Ok), Just(End::Err), Just(End::Panic)])
+                .prop_map(|(i, end)| Op::Finish(i, end)),
+            2 => any::<usize>().prop_map(Op::Drop),
+            1 => Just(Op::Start),
+            1 => Just(Op::Refuse),
+            2 => (1u64..40).prop_map(Op::Advance),
+        ]
+    }
+
+    const DELAY: Duration = Duration::from_millis(50);
+
+    /// Replays `ops` against a drain and a model of it: after every step the
+    /// in-flight, completed and refused counts are exact, and refusals start
+    /// exactly when the model says.
+    fn check(ops: Vec<Op>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let drain = Drain::builder().readiness_delay(DELAY).build();
+            let (mut svc, inner) = service(&drain);
+            let mut live: Vec<(u64, tokio::task::JoinHandle<Result<u64, crate::BoxError>>)> =
+                Vec::new();
+            let (mut next, mut completed, mut refused) = (0u64, 0u64, 0u64);
+            let mut started_at: Option<Instant> = None;
+            let mut forced = false;
+            for op in ops {
+                let refusing = forced || started_at.is_some_and(|at| Instant::now() >= at + DELAY);
+                match op {
+                    Op::Call => {
+                        next += 1;
+                        if refusing {
+                            assert!(svc.call(next).await.unwrap_err().is::<Draining>());
+                            refused += 1;
+                        } else {
+                            live.push((next, spawn_call(&mut svc, next)));
+                        }
+                    }
+                    Op::Finish(i, end) if !live.is_empty() => {
+                        let (id, task) = live.remove(i % live.len());
+                        settle().await;
+                        assert!(inner.books.finish(id, end));
+                        let _ = task.await;
+                        completed += u64::from(started_at.is_some());
+                    }
+                    Op::Drop(i) if !live.is_empty() => {
+                        let (_, task) = live.remove(i % live.len());
+                        task.abort();
+                        let _ = task.await;
+                        completed += u64::from(started_at.is_some());
+                    }
+                    Op::Finish(..) | Op::Drop(_) => {}
+                    Op::Start => {
+                        assert_eq!(drain.start(), started_at.is_none());
+                        started_at.get_or_insert(Instant::now());
+                    }
+                    Op::Refuse => {
+                        drain.refuse();
+                        started_at.get_or_insert(Instant::now());
+                        forced = true;
+                    }
+                    Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+                }
+                settle().await;
+                assert_eq!(drain.in_flight(), live.len());
+                assert_eq!(drain.is_draining(), started_at.is_some());
+            }
+            // Everything left ends; the drain then completes with exact figures.
+            for (id, task) in live.drain(..) {
+                settle().await;
+                inner.books.finish(id, End::Ok);
+                let _ = task.await;
+                completed += u64::from(started_at.is_some());
+            }
+            let report = drain.drain(Duration::from_secs(1)).await;
+            assert_eq!(report.in_flight(), 0);
+            assert_eq!(report.completed(), completed);
+            assert_eq!(report.refused(), refused);
+            assert_eq!(inner.books.active(), 0);
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn counts_stay_exact_under_random_interleavings(ops in prop::collection::vec(op(), 1..80)) {
+            check(ops);
+        }
+    }
 }

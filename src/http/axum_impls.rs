@@ -79,6 +79,10 @@ pub fn into_response(err: crate::BoxError) -> Response {
         return crate::error::CircuitOpen::new(open.retry_after()).into_response();
     }
     match Rejection::of(err.as_ref()) {
+        // Wrapped by an application error: maybe not before any work.
+        Rejection::Refused(_) if !Rejection::is_refusal_itself(err.as_ref()) => {
+            Rejection::Refused("").status().into_response()
+        }
         Rejection::Refused("draining") => crate::error::Draining::new().into_response(),
         Rejection::Refused(reason) => refused(reason),
         rejection => {

@@ -36,7 +36,15 @@
 //! | anything else | 500 Internal Server Error | |
 //!
 //! The marker header [`REJECTED_HEADER`] says the request was refused before any
-//! work started, so a client may retry it even if it is not idempotent.
+//! work started, so a client may retry it even if it is not idempotent. It is
+//! set only when the error itself is one of the refusals (what the layers in
+//! front of the application return), not when a refusal is found deeper in the
+//! `source()` chain: an application that wraps the refusal it got from a
+//! service it called may have done work first, so its error gets the same
+//! status without the marker. An application must not return such a refusal
+//! unwrapped as its own error (map it, for example with `map_err` into an
+//! error of its own): the layer cannot tell it from one made in front of the
+//! application.
 //! A draining instance is going away: its 503 carries no `Retry-After` (retry
 //! on another instance at once) and, on HTTP/1.x, `Connection: close`, so
 //! keep-alive clients reconnect (through the load balancer) instead of sending
@@ -120,6 +128,19 @@ impl Rejection {
             current = err.source();
         }
         Rejection::Internal
+    }
+
+    /// Whether `err` itself, not an error in its `source()` chain, is one of
+    /// this crate's refusals: only then was it made by a layer in front of
+    /// the application, before any work. An application error that wraps a
+    /// refusal it got from a service it called is answered with the same
+    /// status, but without the marker header.
+    pub fn is_refusal_itself(err: &(dyn StdError + 'static)) -> bool {
+        err.is::<Overloaded>()
+            || err.is::<QueueFull>()
+            || err.is::<QueueTimeout>()
+            || err.is::<CircuitOpen>()
+            || err.is::<Draining>()
     }
 
     /// The status code this rejection is answered with.
@@ -354,7 +375,15 @@ where
     let mut response = Response::new(ResponseBody::full(text.map(Into::into)));
     *response.status_mut() = rejection.status();
     let headers = response.headers_mut();
+    let marked = Rejection::is_refusal_itself(err.as_ref());
     match rejection {
+        Rejection::Refused(reason) if !marked => {
+            tracing::debug!(
+                reason,
+                "error wrapping a refusal answered without the marker"
+            );
+            headers.insert(header::RETRY_AFTER, config.retry_after.clone());
+        }
         Rejection::Refused("draining") => {
             tracing::debug!(
                 reason = "draining",

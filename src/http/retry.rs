@@ -58,14 +58,20 @@ use crate::metrics_util::{self, DEFAULT_NAME};
 ///
 /// # Why it is safe for any method
 ///
-/// Each of these answers proves the request had no effect: the marker is only
-/// set by the layers in front of the application, before it is called, and a
-/// refused connection carries no request at all. Sending it again is then the
-/// same as sending it for the first time, whatever the method.
+/// Each of these answers proves the request had no effect. The marker is set
+/// by [`ErrorResponseLayer`](super::ErrorResponseLayer) only when the error it
+/// answers is itself one of the refusals, which the layers in front of the
+/// application return before calling it (a refusal wrapped in another error
+/// gets the status without the marker, since the application may have worked
+/// before it got it); and a refused connection carries no request at all.
+/// Sending the request again is then the same as sending it for the first
+/// time, whatever the method. The one thing the server side must not do is
+/// return, unwrapped, a refusal its application got from a service it called
+/// (see the [module docs](super)).
 ///
 /// # Pacing
 ///
-/// A `Retry-After` in seconds is honoured: the retry waits that long, and a
+/// A `Retry-After` (seconds, or an HTTP date) is honoured: the retry waits that long, and a
 /// server that asks for longer than [`max_wait`](SafeRetryBuilder::max_wait)
 /// (default 2 s) is not retried at all. Without `Retry-After` (a draining
 /// instance asks for none: go elsewhere now) the first retry is immediate,
@@ -368,12 +374,23 @@ fn is_idempotent(method: &http::Method) -> bool {
     .contains(method)
 }
 
-/// Seconds from a `Retry-After` header; an HTTP date or garbage counts as
-/// absent.
+/// The wait a `Retry-After` header asks for: delay-seconds, or an HTTP date
+/// (a date in the past asks for no wait); garbage counts as absent.
 fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
-    let value = response.headers().get(header::RETRY_AFTER)?;
-    let secs: u64 = value.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs))
+    let value = response
+        .headers()
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(
+        date.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 impl<B, R> Policy<Request<B>, Response<R>, BoxError> for SafeRetry

@@ -117,6 +117,44 @@ fn rejections_are_found_through_the_source_chain() {
     assert_eq!(Rejection::of(&Wrapped("other".into())), Rejection::Internal);
 }
 
+/// A refusal wrapped in an application error keeps its status but loses the
+/// marker: the application may have worked before it got the refusal, so a
+/// `SafeRetry` client must not send the request again.
+#[tokio::test]
+async fn wrapped_refusals_are_not_marked_and_not_retried() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    let response = answer(
+        Wrapped(crate::error::CircuitOpen::new(None).into()).into(),
+        ErrorResponseLayer::new(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!response.headers().contains_key(REJECTED_HEADER));
+    let response = answer(QueueFull::new().into(), ErrorResponseLayer::new()).await;
+    assert_eq!(response.headers()[REJECTED_HEADER], "queue_full");
+
+    // A handler that does its work, then fails with a wrapped refusal.
+    let worked = Arc::new(AtomicUsize::new(0));
+    let counter = worked.clone();
+    let server = ErrorResponseLayer::new().layer(service_fn(move |_: Request<String>| {
+        counter.fetch_add(1, SeqCst);
+        async move {
+            let downstream: BoxError = crate::error::CircuitOpen::new(None).into();
+            Err::<Response<Full>, BoxError>(Wrapped(downstream).into())
+        }
+    }));
+    let client = tower::ServiceBuilder::new()
+        .layer(SafeRetry::new().into_layer())
+        .map_err(|never: Infallible| -> BoxError { match never {} })
+        .service(server);
+    let request = Request::post("/orders").body("payload".to_owned()).unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(worked.load(SeqCst), 1, "not sent again");
+}
+
 #[test]
 fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
     assert_eq!(retry_after_value(Duration::ZERO), "1");
@@ -377,6 +415,20 @@ mod retry {
         send(SafeRetry::new(), &script).await.unwrap();
         let times = script.times();
         assert_eq!(times[1] - times[0], Duration::from_secs(2));
+
+        // An HTTP date in the past asks for no wait.
+        const DATE: Answer = Answer::Status(
+            503,
+            &[
+                ("tower-scale-rejected", "queue_full"),
+                ("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
+            ],
+        );
+        let script = Script::new(vec![DATE]);
+        send(SafeRetry::new(), &script).await.unwrap();
+        let times = script.times();
+        assert_eq!(times.len(), 2);
+        assert_eq!(times[1] - times[0], Duration::ZERO);
 
         let script = Script::new(vec![WAIT_2S]);
         let policy = SafeRetry::builder()

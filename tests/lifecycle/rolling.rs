@@ -35,6 +35,7 @@ struct Backend {
     addr: SocketAddr,
     drain: Drain,
     server: JoinHandle<()>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
     /// Requests that reached this backend's handler, over all its lives.
     served: Arc<AtomicU64>,
 }
@@ -52,7 +53,9 @@ impl Backend {
         })
         .await;
         let addr = listener.local_addr().unwrap();
-        let drain = Drain::new().readiness_delay(Duration::from_millis(100));
+        let drain = Drain::builder()
+            .readiness_delay(Duration::from_millis(100))
+            .build();
         let counter = served.clone();
         let app = Router::new()
             .route(
@@ -71,7 +74,14 @@ impl Backend {
                     .layer(ErrorResponseLayer::new())
                     .layer(drain.layer().release_on_body_end()),
             );
-        let serve = axum::serve(listener, app).with_graceful_shutdown(drain.signaled());
+        // This backend keeps accepting while it refuses, until told to stop,
+        // so that clients meet its 503 refusals (with `signaled()` as the
+        // shutdown they would mostly meet a closed port; tests/lifecycle/serve.rs
+        // covers that way).
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        });
         let server = tokio::spawn(async move {
             serve.await.expect("backend server");
         });
@@ -79,17 +89,23 @@ impl Backend {
             addr,
             drain,
             server,
+            shutdown,
             served,
         }
     }
 
-    /// Drains and stops the backend; returns its report.
+    /// Drains the backend, keeps refusing for a while, then stops it;
+    /// returns its report, refusals included.
     async fn stop(self) -> (DrainReport, SocketAddr, Arc<AtomicU64>) {
         let report = bounded(
             "the backend drain",
             self.drain.drain(Duration::from_secs(5)),
         )
         .await;
+        assert!(report.is_complete(), "{report}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let report = self.drain.drain(Duration::ZERO).await;
+        let _ = self.shutdown.send(());
         bounded("the backend to exit", self.server).await.unwrap();
         (report, self.addr, self.served)
     }
@@ -247,6 +263,8 @@ async fn rolling_restart_under_load_fails_no_request() {
     for report in &reports {
         assert!(report.is_complete(), "{report}");
     }
+    // Clients met draining refusals (503 with the marker), and retried them.
+    assert!(reports.iter().map(DrainReport::refused).sum::<u64>() > 0);
     for backend in backends.into_iter().flatten() {
         backend.server.abort();
     }

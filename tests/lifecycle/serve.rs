@@ -344,7 +344,9 @@ async fn probe_loop(addr: SocketAddr, log: Arc<Log>, stop: Arc<AtomicBool>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_under_load_finishes_every_started_request_and_refuses_the_rest() {
-    let drain = Drain::new().readiness_delay(Duration::from_millis(400));
+    let drain = Drain::builder()
+        .readiness_delay(Duration::from_secs(3600))
+        .build();
     let reached = Arc::new(Reached::default());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -380,6 +382,18 @@ async fn drain_under_load_finishes_every_started_request_and_refuses_the_rest() 
     .await;
     wait_until("three calls in flight", || drain.in_flight() >= 3).await;
     let in_flight_at_start = drain.in_flight();
+    // The readiness delay is far longer than the steps during it need on a
+    // busy machine; `refuse()` ends it once they are done.
+    drain.start();
+    wait_until("the probe to see 503", || {
+        log.first_ready_503.lock().unwrap().is_some()
+    })
+    .await;
+    wait_until("HTTP/1 responses asking to close during the delay", || {
+        log.closing_whole.load(SeqCst) >= 3
+    })
+    .await;
+    drain.refuse();
     let timeout = Duration::from_secs(15);
     let report = bounded("the drain", drain.drain(timeout)).await;
     let server_result = bounded("the server to exit", server).await;
