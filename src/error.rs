@@ -154,6 +154,34 @@ impl fmt::Display for Draining {
 
 impl std::error::Error for Draining {}
 
+/// No endpoint of a balancer became ready within the configured wait: the
+/// request was not sent anywhere.
+#[derive(Default)]
+pub struct NoEndpoints {
+    _p: (),
+}
+
+impl NoEndpoints {
+    /// Constructs a new `NoEndpoints` error.
+    pub const fn new() -> Self {
+        NoEndpoints { _p: () }
+    }
+}
+
+impl fmt::Debug for NoEndpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NoEndpoints")
+    }
+}
+
+impl fmt::Display for NoEndpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no endpoint became ready in time")
+    }
+}
+
+impl std::error::Error for NoEndpoints {}
+
 /// An invalid configuration value, found when a layer was built.
 ///
 /// It names the field, so `try_new` and `build` callers can report exactly what

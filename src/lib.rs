@@ -114,6 +114,14 @@ pub mod http;
 #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
 pub mod health;
 
+#[cfg(feature = "balance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
+pub mod balance;
+
+#[cfg(feature = "balance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
+pub mod discover;
+
 mod metrics_util;
 mod wait_list;
 

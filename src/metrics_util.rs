@@ -12,6 +12,7 @@ pub(crate) enum Reason {
     QueueTimeout,
     CircuitOpen,
     Draining,
+    NoEndpoints,
 }
 
 impl Reason {
@@ -22,6 +23,7 @@ impl Reason {
             Reason::QueueTimeout => "queue_timeout",
             Reason::CircuitOpen => "circuit_open",
             Reason::Draining => "draining",
+            Reason::NoEndpoints => "no_endpoints",
         }
     }
 }

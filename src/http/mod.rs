@@ -29,7 +29,7 @@
 //!
 //! | error (anywhere in the `source()` chain) | status | headers |
 //! |---|---|---|
-//! | [`Overloaded`], [`QueueFull`], [`QueueTimeout`] | 503 Service Unavailable | `Retry-After`, `tower-scale-rejected: <reason>` |
+//! | [`Overloaded`], [`QueueFull`], [`QueueTimeout`], [`NoEndpoints`] | 503 Service Unavailable | `Retry-After`, `tower-scale-rejected: <reason>` |
 //! | [`CircuitOpen`] | 503 Service Unavailable | `Retry-After` from [`CircuitOpen::retry_after`] (the layer's setting when unknown), `tower-scale-rejected: circuit_open` |
 //! | [`Draining`] | 503 Service Unavailable | `tower-scale-rejected: draining`, and `Connection: close` on HTTP/1.x; no `Retry-After` |
 //! | tower's `timeout::error::Elapsed` | 504 Gateway Timeout | |
@@ -81,11 +81,13 @@ use tower::{Layer, Service};
 pub use self::body::{GuardBody, ResponseBody};
 pub use self::retry::{SafeRetry, SafeRetryBuilder};
 
-use crate::error::{BoxError, CircuitOpen, Draining, Overloaded, QueueFull, QueueTimeout};
+use crate::error::{
+    BoxError, CircuitOpen, Draining, NoEndpoints, Overloaded, QueueFull, QueueTimeout,
+};
 
 /// The header that marks a response refused before any work started; its value
 /// is the reason (`overloaded`, `queue_full`, `queue_timeout`, `circuit_open`,
-/// `draining`).
+/// `draining`, `no_endpoints`).
 pub const REJECTED_HEADER: HeaderName = HeaderName::from_static("tower-scale-rejected");
 
 /// What an error means for the client.
@@ -122,6 +124,9 @@ impl Rejection {
             if err.is::<Draining>() {
                 return Rejection::Refused("draining");
             }
+            if err.is::<NoEndpoints>() {
+                return Rejection::Refused("no_endpoints");
+            }
             if err.is::<tower::timeout::error::Elapsed>() {
                 return Rejection::Timeout;
             }
@@ -141,6 +146,7 @@ impl Rejection {
             || err.is::<QueueTimeout>()
             || err.is::<CircuitOpen>()
             || err.is::<Draining>()
+            || err.is::<NoEndpoints>()
     }
 
     /// The status code this rejection is answered with.

@@ -1,0 +1,1 @@
+//! Balancing policies over `tower::ready_cache`.

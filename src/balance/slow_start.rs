@@ -1,0 +1,1 @@
+//! Slow start for new endpoints.
