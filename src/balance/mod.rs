@@ -34,5 +34,8 @@ pub mod load;
 pub mod policy;
 pub mod slow_start;
 
+mod endpoint;
+pub use self::endpoint::{Connection, HttpEndpoint, HttpEndpointBuilder, HttpEndpointService};
+
 mod wait;
 pub use self::wait::{ReadyTimeout, ReadyTimeoutLayer};

@@ -86,6 +86,14 @@ impl BreakerConfig {
         &self.name
     }
 
+    /// The same settings under another metrics name.
+    pub(crate) fn renamed(&self, name: String) -> BreakerConfig {
+        BreakerConfig {
+            name,
+            ..self.clone()
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let rate = |field, value: f64| {
             if (0.0..=1.0).contains(&value) && value > 0.0 {

@@ -79,7 +79,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 pub use self::body::{GuardBody, ResponseBody};
-pub use self::retry::{SafeRetry, SafeRetryBuilder};
+pub use self::retry::{RetrySafe, SafeRetry, SafeRetryBuilder};
 
 use crate::error::{
     BoxError, CircuitOpen, Draining, NoEndpoints, Overloaded, QueueFull, QueueTimeout,

@@ -36,25 +36,22 @@ use crate::metrics_util::{self, DEFAULT_NAME};
 ///   [`Overloaded`](crate::error::Overloaded),
 ///   [`CircuitOpen`](crate::error::CircuitOpen)): a client-side layer refused
 ///   it.
-/// - An error whose chain holds an `io::Error` of kind `ConnectionRefused`: the
-///   connection was never made, so the server never saw the request (hyper's
-///   client reports it this way).
+/// - An error whose chain holds an `io::Error` of kind `ConnectionRefused`, or
+///   (feature `balance`) a hyper-util client error that happened while
+///   connecting: the connection was never made, so the server never saw the
+///   request.
 ///
-/// Nothing else is retried for every method: not a 503 without the marker (the
-/// application may have done part of the work), not a timeout, not a
-/// connection reset or closed before the response (the server may have started
-/// the work).
-///
-/// Idempotent requests (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`,
-/// RFC 9110 §9.2.2) are also retried when the connection closed before a
-/// response came (hyper's "connection closed before message completed", a
-/// reset, an aborted connection, a broken pipe), unless
-/// [`retry_idempotent_on_reset(false)`](SafeRetryBuilder::retry_idempotent_on_reset):
-/// sending them twice has the effect of sending them once. This covers the
-/// race every HTTP/1 keep-alive client has with a server that closes an idle
-/// connection (as a draining server does) just as a request is sent on it.
-/// hyper-util's client resends on its own a request that it could not write
-/// at all.
+/// Other failures are retried only for idempotent requests (`GET`, `HEAD`,
+/// `OPTIONS`, `TRACE`, `PUT`, `DELETE`, RFC 9110 §9.2.2) and requests marked
+/// [`RetrySafe`], unless [`retry_idempotent(false)`](SafeRetryBuilder::retry_idempotent):
+/// a 502, a 503 without the marker, a 504, and errors (a timeout, a
+/// connection reset or closed before the response, which also covers the race
+/// every HTTP/1 keep-alive client has with a server closing an idle
+/// connection) except those no attempt can fix (hyper's user and parse
+/// errors). Sending such a request twice has the effect of sending it once.
+/// For any other request nothing else is retried: the server may have
+/// started the work. hyper-util's client resends on its own a request that it
+/// could not write at all.
 ///
 /// # Why it is safe for any method
 ///
@@ -193,26 +190,10 @@ impl SafeRetry {
                     return true;
                 }
             }
-            current = err.source();
-        }
-        false
-    }
-
-    /// Whether `err` says the connection closed before a response came.
-    pub fn is_reset_error(err: &(dyn StdError + 'static)) -> bool {
-        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-        let mut current = Some(err);
-        while let Some(err) = current {
-            if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
-                if hyper.is_incomplete_message() || hyper.is_canceled() {
-                    return true;
-                }
-            }
-            if let Some(io) = err.downcast_ref::<std::io::Error>() {
-                if matches!(
-                    io.kind(),
-                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-                ) {
+            #[cfg(feature = "balance")]
+            if let Some(client) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
+                // Failed while connecting: no byte of the request was sent.
+                if client.is_connect() {
                     return true;
                 }
             }
@@ -241,9 +222,14 @@ impl SafeRetry {
         Some(Duration::from_nanos(random % nanos.saturating_add(1)))
     }
 
-    fn decide(&mut self, refused: bool, retry_after: Option<Duration>) -> Option<Duration> {
-        if !refused {
+    fn decide(&mut self, retryable: bool, retry_after: Option<Duration>) -> Option<Duration> {
+        // Every request deposits once, at its first outcome, whatever it is:
+        // retries can then add at most the budget's share to the load, even
+        // when every attempt fails (Finagle's and tower's accounting).
+        if self.retries == 0 {
             self.shared.budget.deposit();
+        }
+        if !retryable {
             return None;
         }
         if self.retries >= self.shared.max_retries {
@@ -311,9 +297,11 @@ impl SafeRetryBuilder {
         self
     }
 
-    /// Whether idempotent requests are retried when the connection closed
-    /// before a response came (default true); see [`SafeRetry`].
-    pub fn retry_idempotent_on_reset(mut self, retry: bool) -> Self {
+    /// Whether idempotent requests (and those marked [`RetrySafe`]) are also
+    /// retried after failures that may have followed some work: 502, 503
+    /// without the marker, 504, timeouts, resets (default true); see
+    /// [`SafeRetry`].
+    pub fn retry_idempotent(mut self, retry: bool) -> Self {
         self.idempotent_on_reset = retry;
         self
     }
@@ -361,6 +349,41 @@ impl SafeRetryBuilder {
     }
 }
 
+/// 502, 503 (without the marker) and 504: the request may have been worked
+/// on, but another attempt, perhaps on another endpoint, may succeed.
+fn is_gateway_failure(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// Errors another attempt cannot fix: a request the client itself cannot
+/// build or send (hyper's user errors, such as an invalid URI).
+fn is_permanent(err: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            if hyper.is_user() || hyper.is_parse() {
+                return true;
+            }
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// A request extension that makes [`SafeRetry`] treat a request as
+/// idempotent whatever its method: insert it on a `POST` the server handles
+/// idempotently (with an idempotency key, say).
+///
+/// ```
+/// let mut request = http::Request::post("/payments").body(()).unwrap();
+/// request.extensions_mut().insert(tower_scale::http::RetrySafe);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetrySafe;
+
 fn is_idempotent(method: &http::Method) -> bool {
     use http::Method;
     [
@@ -404,18 +427,20 @@ where
         request: &mut Request<B>,
         result: &mut Result<Response<R>, BoxError>,
     ) -> Option<Self::Future> {
+        let repeatable = self.shared.idempotent_on_reset
+            && (is_idempotent(request.method())
+                || request.extensions().get::<RetrySafe>().is_some());
         let wait = match result {
             Ok(response) => {
-                let refused = Self::is_refused_response(response);
-                self.decide(refused, refused.then(|| retry_after(response)).flatten())?
+                let retryable = Self::is_refused_response(response)
+                    || (repeatable && is_gateway_failure(response.status()));
+                let after = retryable.then(|| retry_after(response)).flatten();
+                self.decide(retryable, after)?
             }
             Err(err) => {
                 let err = err.as_ref();
-                let refused = Self::is_refused_error(err)
-                    || (self.shared.idempotent_on_reset
-                        && is_idempotent(request.method())
-                        && Self::is_reset_error(err));
-                self.decide(refused, None)?
+                let retryable = Self::is_refused_error(err) || (repeatable && !is_permanent(err));
+                self.decide(retryable, None)?
             }
         };
         Some(Box::pin(async move {

@@ -236,6 +236,7 @@ mod retry {
 
     use super::*;
     use crate::error::{Draining, QueueFull};
+    use crate::http::RetrySafe;
 
     /// Answers each attempt with the next of `answers`, recording when it came.
     #[derive(Clone)]
@@ -375,7 +376,7 @@ mod retry {
         ] {
             let script = Script::new(vec![reset()]);
             let policy = SafeRetry::builder()
-                .retry_idempotent_on_reset(retry)
+                .retry_idempotent(retry)
                 .build()
                 .unwrap();
             let client = ServiceBuilder::new()
@@ -389,6 +390,67 @@ mod retry {
             let _ = client.oneshot(request).await;
             assert_eq!(script.attempts(), attempts, "{method} with retry {retry}");
         }
+    }
+
+    /// Gateway failures are retried for idempotent requests and requests
+    /// marked `RetrySafe`; a 500 never is.
+    #[tokio::test(start_paused = true)]
+    async fn gateway_failures_are_retried_for_idempotent_or_marked_requests() {
+        for (method, safe, status, attempts) in [
+            (http::Method::GET, false, 502, 2),
+            (http::Method::GET, false, 503, 2),
+            (http::Method::GET, false, 504, 2),
+            (http::Method::GET, false, 500, 1),
+            (http::Method::POST, false, 503, 1),
+            (http::Method::POST, true, 503, 2),
+            (http::Method::POST, true, 500, 1),
+        ] {
+            let script = Script::new(vec![Answer::Status(status, &[])]);
+            let client = ServiceBuilder::new()
+                .layer(SafeRetry::new().into_layer())
+                .service(script.clone());
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri("http://backend/orders")
+                .body("payload".to_owned())
+                .unwrap();
+            if safe {
+                request.extensions_mut().insert(RetrySafe);
+            }
+            let _ = client.oneshot(request).await;
+            assert_eq!(script.attempts(), attempts, "{method} safe={safe} {status}");
+        }
+    }
+
+    /// With every attempt failing, the budget holds the load offered to the
+    /// backends at the request rate plus its retry share: 1 000 requests,
+    /// `TpsBudget::new(1 s, 0 per second, 0.2)`, at most 1 200 attempts.
+    #[tokio::test(start_paused = true)]
+    async fn an_all_failing_backend_sees_at_most_the_budget_share_more() {
+        const REQUESTS: usize = 1_000;
+        let script = Script::new(vec![Answer::Status(503, &[]); REQUESTS * 5]);
+        let policy = SafeRetry::builder()
+            .budget(TpsBudget::new(Duration::from_secs(1), 0, 0.2))
+            .max_retries(4)
+            .build()
+            .unwrap();
+        let client = ServiceBuilder::new()
+            .layer(policy.into_layer())
+            .service(script.clone());
+        for _ in 0..REQUESTS {
+            let request = Request::get("http://backend/")
+                .body("payload".to_owned())
+                .unwrap();
+            let response = client.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 503);
+        }
+        let ratio = script.attempts() as f64 / REQUESTS as f64;
+        println!(
+            "{REQUESTS} requests, {} attempts: {ratio:.3}x",
+            script.attempts()
+        );
+        assert!(ratio <= 1.2, "offered {ratio:.3}x the request rate");
+        assert!(ratio >= 1.15, "the budget's share was used: {ratio:.3}x");
     }
 
     #[tokio::test(start_paused = true)]
