@@ -64,7 +64,7 @@ pub type HttpEndpointService<B> =
 ///     .concurrency_limit(64)
 ///     .name("backend")
 ///     .build()?;
-/// let addrs = ["127.0.0.1:8081".parse()?, "127.0.0.1:8082".parse()?];
+/// let addrs: [std::net::SocketAddr; 2] = ["127.0.0.1:8081".parse()?, "127.0.0.1:8082".parse()?];
 /// let (discover, handle) = Static::new(addrs, move |endpoint| {
 ///     PendingRequests::new(endpoints.make(endpoint), CompleteOnResponse::default())
 /// });
