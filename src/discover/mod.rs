@@ -10,7 +10,7 @@
 //!
 //! Sources produce [`Endpoint`]s (an address and a weight) and turn them into
 //! services with an endpoint factory, a closure from `&Endpoint` to a service
-//! (see [`crate::balance::http_endpoint`] for a ready-made HTTP one); each
+//! (see [`HttpEndpoint`](crate::balance::HttpEndpoint) for a ready-made HTTP one); each
 //! service is wrapped in [`Weighted`], so the policies can read the weight.
 
 use std::fmt;
