@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the integration tests start by themselves (none yet: the
-# admission-control tests need only loopback sockets). Later capabilities add
-# theirs here, e.g. redis-server for the Redis registry, dnsmasq-base for DNS.
-NEEDED_COMMANDS=()   # pairs of "command:debian-package"
+# System packages the integration tests start by themselves. Later
+# capabilities add theirs here, e.g. redis-server for the Redis registry.
+# dnsmasq (Debian's dnsmasq-base: the binary only, no service): the DNS
+# discovery tests (tests/dns) run it on a loopback port.
+NEEDED_COMMANDS=(   # pairs of "command:debian-package"
+  dnsmasq:dnsmasq-base
+)
 
 missing=()
 for pair in "${NEEDED_COMMANDS[@]+"${NEEDED_COMMANDS[@]}"}"; do

@@ -1,1 +1,0 @@
-//! DNS discovery (feature `dns`).
