@@ -15,7 +15,9 @@ NEEDED_COMMANDS=(   # pairs of "command:debian-package"
 missing=()
 for pair in "${NEEDED_COMMANDS[@]+"${NEEDED_COMMANDS[@]}"}"; do
   cmd=${pair%%:*}; pkg=${pair#*:}
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  # Daemons live in /usr/sbin, which a non-root PATH may lack.
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] \
+    || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
