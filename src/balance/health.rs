@@ -1,1 +1,0 @@
-//! Active health checks per endpoint.
