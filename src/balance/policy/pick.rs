@@ -235,8 +235,9 @@ fn round_robin<K: Eq + Hash, S: Weight, Req>(
 /// weight's share, spread out rather than in bursts: weights 5, 1, 1 give
 /// `a a b a c a a`. Endpoints of weight 0 get nothing while another is ready
 /// (with none, the policy is round robin). A pick is O(n) in the ready
-/// endpoints (about a microsecond for 1000), as in nginx. The current weight
-/// belongs to the endpoint's service, so it survives changes of readiness.
+/// endpoints (2 to 2.5 µs for 1000 in `benches/balance_pick.rs`, against
+/// 35 ns for round robin), as in nginx. The current weight belongs to the
+/// endpoint's service, so it survives changes of readiness.
 /// See the [module docs](super) for an example.
 #[derive(Clone, Debug, Default)]
 pub struct SmoothWeightedRoundRobin {
@@ -295,9 +296,9 @@ impl<S: Weight> Policy<S> for SmoothWeightedRoundRobin {
 /// response future completes or is dropped), so the endpoint services need
 /// no [`Load`]. Endpoints of weight 0 get nothing while another is ready
 /// (with none, the fewest in flight wins). A pick scans every ready endpoint:
-/// O(n), about a microsecond for 1000; for large sets, [`WeightedP2c`] over
-/// an in-flight load is O(log n). See the [module docs](super) for an
-/// example.
+/// O(n), 4 to 5 µs for 1000 in `benches/balance_pick.rs`; for large sets,
+/// [`WeightedP2c`] over an in-flight load is O(log n). See the
+/// [module docs](super) for an example.
 #[derive(Clone)]
 pub struct LeastRequests {
     rng: FastRng,
