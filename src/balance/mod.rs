@@ -89,6 +89,8 @@ pub mod load;
 pub mod policy;
 pub mod slow_start;
 
+pub use self::policy::{Balancer, ConsistentHash, HashKey};
+
 mod endpoint;
 pub use self::endpoint::{Connection, HttpEndpoint, HttpEndpointBuilder, HttpEndpointService};
 

@@ -82,6 +82,20 @@ impl std::ops::DerefMut for MachineGuard<'_> {
     }
 }
 
+/// A breaker that goes away while open (its endpoint left the balancer)
+/// gives its place in the ejection budget back, so the group's budget is not
+/// spent on endpoints that no longer exist.
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        let machine = self.machine.get_mut().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut machine.holds_budget) {
+            if let Some(budget) = &self.budget {
+                budget.release();
+            }
+        }
+    }
+}
+
 impl Drop for MachineGuard<'_> {
     fn drop(&mut self) {
         let Some(mut guard) = self.guard.take() else {

@@ -375,6 +375,26 @@ async fn the_ejection_budget_can_deny_a_trip() {
     assert_eq!(b.handle.state(), State::Open);
 }
 
+/// A breaker dropped while open (its endpoint left the balancer) gives its
+/// place in the ejection budget back.
+#[tokio::test(start_paused = true)]
+async fn a_breaker_dropped_while_open_gives_its_budget_place_back() {
+    let budget = MaxOpen::new(1);
+    let a = Harness::with_layer(
+        CircuitBreakerLayer::new(config().build().unwrap()).budget(budget.clone()),
+    );
+    a.send_all(FAIL, 4).await;
+    assert_eq!(a.handle.state(), State::Open);
+    assert_eq!(budget.open(), 1);
+    drop(a);
+    assert_eq!(budget.open(), 0);
+    let b = Harness::with_layer(
+        CircuitBreakerLayer::new(config().build().unwrap()).budget(budget.clone()),
+    );
+    b.send_all(FAIL, 4).await;
+    assert_eq!(b.handle.state(), State::Open, "the freed place lets b open");
+}
+
 #[tokio::test(start_paused = true)]
 async fn not_ready_mode_is_pending_while_open_never_errors_and_wakes_at_half_open() {
     let calls = Arc::new(AtomicUsize::new(0));
