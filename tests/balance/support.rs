@@ -177,7 +177,7 @@ where
 
 /// Like [`send`], on a clone of `client` driven by `oneshot` (a `Buffer`
 /// shared by several tasks).
-pub async fn send_cloned<S>(client: &S) -> Got
+pub async fn send_cloned<S>(client: S) -> Got
 where
     S: Service<
             axum::http::Request<Body>,
@@ -188,7 +188,7 @@ where
     let request = axum::http::Request::get("http://backend/")
         .body(Body::new())
         .unwrap();
-    match bounded("a response", client.clone().oneshot(request)).await {
+    match bounded("a response", client.oneshot(request)).await {
         Ok(response) => read(response).await,
         Err(err) => Got::Failed(err.to_string()),
     }
