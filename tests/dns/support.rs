@@ -104,8 +104,9 @@ impl Dnsmasq {
         self.write_hosts(hosts);
         let reads = self.count("read ");
         let pid = self.child.as_ref().expect("dnsmasq is running").id();
-        let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
+        // sh's built-in kill: a fresh Debian may lack procps' /bin/kill.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -HUP {pid}")])
             .status()
             .unwrap();
         assert!(status.success(), "kill -HUP {pid}");
