@@ -70,9 +70,29 @@ struct Estimate {
     update_at: Instant,
     /// A `Retry-After` asked for no calls until then.
     unavailable_until: Option<Instant>,
+    /// A failure makes the endpoint cost at least the penalty until then.
+    penalized_until: Option<Instant>,
+    /// Failures since the last success: each lengthens the next penalty.
+    failures_in_row: u32,
 }
 
+/// The most penalties a run of failures adds up to.
+const MAX_PENALTIES: u32 = 8;
+
 impl Estimate {
+    /// A failure: a slow one still counts as slow (the peak), but a fast one
+    /// never makes the endpoint look faster; either way it costs at least the
+    /// penalty for the penalty's length, times the failures in a row (at most
+    /// 8), after which it is tried again.
+    fn fail(&mut self, rtt_ns: f64, now: Instant, settings: &Settings) {
+        if rtt_ns > self.rtt_ns {
+            self.update(rtt_ns, now, settings.decay_ns);
+        }
+        self.failures_in_row = self.failures_in_row.saturating_add(1);
+        let window = settings.penalty * self.failures_in_row.min(MAX_PENALTIES);
+        self.penalized_until = Some(now + window);
+    }
+
     /// tower's Peak-EWMA update: a higher observation replaces the estimate at
     /// once, a lower one pulls it down by how long ago the last update was.
     fn update(&mut self, rtt_ns: f64, now: Instant, decay_ns: f64) -> f64 {
@@ -89,8 +109,8 @@ impl Estimate {
 }
 
 /// Measures an endpoint's load as a peak-sensitive moving average of its
-/// round-trip time, like tower's `PeakEwma`, but a failed call counts as a
-/// slow one.
+/// round-trip time, like tower's `PeakEwma`, but a failed call makes it cost
+/// a penalty for a while instead of looking fast.
 ///
 /// Clones share the estimate and the in-flight count. See the
 /// [module docs](super) for the example and the reasons.
@@ -118,6 +138,8 @@ impl<S, C> FailureAwareEwma<S, C> {
                     rtt_ns: nanos(settings.default_rtt),
                     update_at: Instant::now(),
                     unavailable_until: None,
+                    penalized_until: None,
+                    failures_in_row: 0,
                 }),
             }),
             classify,
@@ -177,17 +199,16 @@ impl Shared {
         let settings = &self.settings;
         let now = Instant::now();
         let rtt = nanos(now.saturating_duration_since(sent_at));
-        let penalty = nanos(settings.penalty);
         let mut estimate = self.lock();
         match outcome {
             LoadOutcome::Success => {
                 estimate.update(rtt, now, settings.decay_ns);
+                estimate.failures_in_row = 0;
+                estimate.penalized_until = None;
             }
-            LoadOutcome::Failure => {
-                estimate.update(rtt.max(penalty), now, settings.decay_ns);
-            }
+            LoadOutcome::Failure => estimate.fail(rtt, now, settings),
             LoadOutcome::Unavailable(after) => {
-                estimate.update(rtt.max(penalty), now, settings.decay_ns);
+                estimate.fail(rtt, now, settings);
                 let until = now + after.min(settings.max_unavailable);
                 estimate.unavailable_until = Some(match estimate.unavailable_until {
                     Some(before) => before.max(until),
@@ -263,10 +284,9 @@ impl<S, C> Load for FailureAwareEwma<S, C> {
         // tower's `PeakEwma`, so an endpoint that was slow (or failed) long ago
         // is tried again.
         let mut rtt = estimate.update(0.0, now, settings.decay_ns);
-        match estimate.unavailable_until {
-            Some(until) if now < until => rtt = rtt.max(nanos(settings.penalty)),
-            Some(_) => estimate.unavailable_until = None,
-            None => {}
+        let until = estimate.unavailable_until.max(estimate.penalized_until);
+        if until.is_some_and(|until| now < until) {
+            rtt = rtt.max(nanos(settings.penalty));
         }
         drop(estimate);
         Cost(rtt * (pending as f64 + 1.0))
@@ -383,9 +403,10 @@ impl FailureAwareEwmaBuilder {
         self
     }
 
-    /// A failed call counts as a round trip of at least this (default 1 s).
-    /// Set it well above the endpoints' normal latency (ten times their p99,
-    /// say): a failure then costs what a very slow answer would.
+    /// After a failure the endpoint costs at least this (default 1 s), for
+    /// this long times the failures in a row (at most 8). Set it well above
+    /// the endpoints' normal latency (ten times their p99, say): a failure then
+    /// costs what a very slow answer would, until the endpoint is tried again.
     pub fn failure_penalty(mut self, penalty: Duration) -> Self {
         self.settings.penalty = penalty;
         self

@@ -7,8 +7,12 @@
 //! its calls in flight plus one; but it records every completion alike, so an
 //! endpoint that fails in a millisecond looks like the fastest of all and gets
 //! about half of the calls (every pair it is drawn into). [`FailureAwareEwma`]
-//! keeps `PeakEwma`'s arithmetic and counts a failure as a round trip of at
-//! least a penalty (1 s by default); an endpoint that answers 503 or 429 with
+//! keeps `PeakEwma`'s arithmetic, but a fast failure never makes an endpoint
+//! look faster, and after a failure the endpoint costs at least a penalty
+//! (1 s by default) for the penalty's length, times the failures in a row (at
+//! most 8): P2C sends it nothing meanwhile, tries it again afterwards, and a
+//! success clears the penalty at once, so a recovered endpoint takes its share
+//! back within a penalty. An endpoint that answers 503 or 429 with
 //! `Retry-After` costs at least the penalty until then.
 //!
 //! [`Pending`] is tower's `PendingRequests` with a readable metric
@@ -60,14 +64,17 @@
 //! | setting | default | meaning |
 //! |---|---|---|
 //! | `default_rtt` | 30 ms | the estimate of a new endpoint |
-//! | `decay` | 10 s | time constant: the estimate forgets a peak (a slow call, a failure) over a few times this |
-//! | `failure_penalty` | 1 s | a failure counts as a round trip of at least this; keep it well above normal latency |
+//! | `decay` | 10 s | time constant: the estimate forgets a peak (a slow call) over a few times this |
+//! | `failure_penalty` | 1 s | after a failure the endpoint costs at least this, for this long times the failures in a row (at most 8); keep it well above normal latency |
 //! | `max_retry_after` | 30 s | the longest `Retry-After` honoured |
 //!
-//! With the defaults an endpoint that failed once costs as much as one that
-//! took a second to answer; it gets calls again only when the others are
-//! that loaded or when the peak has decayed (about 35 s to reach 30 ms), and
-//! then one more failure puts it back up. Pair it with the passive ejection of
+//! With the defaults an endpoint that failed once costs, for a second, as much
+//! as one that takes a second to answer; an endpoint that keeps failing is
+//! tried about once per penalty window (1 s, then 2 s, ... up to 8 s), so it
+//! costs a few failed calls a window, and one that recovered is back in
+//! rotation at its first success. (An earlier design fed the penalty into the
+//! moving average instead; a recovered endpoint then stayed shunned for tens
+//! of seconds while the peak decayed.) Pair it with the passive ejection of
 //! [`health`](super::health) to take an endpoint that keeps failing out of
 //! rotation altogether.
 //!
