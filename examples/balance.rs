@@ -95,7 +95,7 @@ async fn main() -> Result<(), BoxError> {
     };
     let _dnsmasq;
     if dns {
-        let server = Dnsmasq::start(&addrs)?;
+        let server = Dnsmasq::start(&addrs).await?;
         println!("discovery: DNS, backends.example.test via {}", server.addr);
         let discover = DnsBuilder::new("backends.example.test")
             .port(addrs[0].port())
@@ -346,7 +346,7 @@ struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    fn start(backends: &[SocketAddr]) -> Result<Dnsmasq, BoxError> {
+    async fn start(backends: &[SocketAddr]) -> Result<Dnsmasq, BoxError> {
         let binary = ["/usr/sbin/dnsmasq", "/sbin/dnsmasq", "/usr/bin/dnsmasq"]
             .into_iter()
             .map(std::path::PathBuf::from)
@@ -379,7 +379,7 @@ impl Dnsmasq {
             .stderr(std::process::Stdio::null())
             .spawn()?;
         // Give it a moment to bind; the first resolution retries anyway.
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(Dnsmasq {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
