@@ -242,3 +242,81 @@ impl fmt::Debug for StaticHandle {
         f.debug_struct("StaticHandle").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use futures_util::StreamExt as _;
+
+    use super::*;
+    use crate::discover::Weight;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 80))
+    }
+
+    /// The changes ready now, as `+n` / `-n` (the last byte of the address).
+    fn drain<F, S>(source: &mut Static<F, S>) -> Vec<String>
+    where
+        F: FnMut(&Endpoint) -> S,
+    {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(Ok(change))) = source.poll_next_unpin(&mut cx) {
+            out.push(match change {
+                Change::Insert(addr, _) => {
+                    format!("+{}", addr.ip().to_string().rsplit('.').next().unwrap())
+                }
+                Change::Remove(addr) => {
+                    format!("-{}", addr.ip().to_string().rsplit('.').next().unwrap())
+                }
+            });
+        }
+        out
+    }
+
+    /// Replacing the set removes only what left and inserts only what is new;
+    /// an endpoint that stays keeps its service (no change is emitted for it),
+    /// and a new weight reaches that service in place.
+    #[test]
+    fn replace_leaves_endpoints_that_stay_alone() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let (mut source, handle) = Static::new([addr(1), addr(2)], move |e: &Endpoint| {
+            counter.fetch_add(1, Relaxed);
+            e.addr()
+        });
+        let mut weights = Vec::new();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        while let Poll::Ready(Some(Ok(Change::Insert(_, svc)))) = source.poll_next_unpin(&mut cx) {
+            weights.push(svc);
+        }
+        assert_eq!(weights.len(), 2);
+        assert_eq!(made.load(Relaxed), 2);
+
+        handle.replace([
+            Endpoint::new(addr(2)).with_weight(7),
+            Endpoint::new(addr(3)),
+        ]);
+        assert_eq!(drain(&mut source), ["-1", "+3"]);
+        assert_eq!(
+            made.load(Relaxed),
+            3,
+            "only the new endpoint gets a service"
+        );
+        let kept = weights.iter().find(|s| *s.get_ref() == addr(2)).unwrap();
+        assert_eq!(kept.weight(), 7, "the staying service sees its new weight");
+
+        handle.add(addr(3));
+        handle.remove(addr(9));
+        assert!(
+            drain(&mut source).is_empty(),
+            "known and unknown: nothing to emit"
+        );
+        drop(handle);
+        assert!(source.poll_next_unpin(&mut cx).is_pending(), "never ends");
+    }
+}

@@ -35,6 +35,8 @@ pub struct MaxEjectedShare {
     share: f64,
     endpoints: AtomicUsize,
     ejected: AtomicUsize,
+    /// `tower_scale_endpoints{name, state="ejected"}`.
+    gauge: metrics::Gauge,
 }
 
 impl MaxEjectedShare {
@@ -52,6 +54,12 @@ impl MaxEjectedShare {
     /// Like [`new`](Self::new), but returns a [`ConfigError`] naming
     /// `max_ejected`.
     pub fn try_new(share: f64) -> Result<Arc<Self>, ConfigError> {
+        Self::try_named(share, crate::metrics_util::DEFAULT_NAME)
+    }
+
+    /// Like [`try_new`](Self::try_new), with the `name` label of the
+    /// `tower_scale_endpoints{name, state="ejected"}` gauge.
+    pub fn try_named(share: f64, name: &str) -> Result<Arc<Self>, ConfigError> {
         if !(0.0..=1.0).contains(&share) {
             return Err(ConfigError::new(
                 "max_ejected",
@@ -62,6 +70,7 @@ impl MaxEjectedShare {
             share,
             endpoints: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
+            gauge: metrics::gauge!("tower_scale_endpoints", "name" => name.to_owned(), "state" => "ejected"),
         }))
     }
 
@@ -96,15 +105,25 @@ impl MaxEjectedShare {
 impl EjectionBudget for MaxEjectedShare {
     fn try_open(&self) -> bool {
         let allowed = self.allowed();
-        self.ejected
+        match self
+            .ejected
             .fetch_update(SeqCst, SeqCst, |n| (n < allowed).then_some(n + 1))
-            .is_ok()
+        {
+            Ok(before) => {
+                self.gauge.set((before + 1) as f64);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn release(&self) {
-        let _ = self
+        if let Ok(before) = self
             .ejected
-            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+        {
+            self.gauge.set((before - 1) as f64);
+        }
     }
 }
 
@@ -137,10 +156,11 @@ impl OutlierEjection {
     /// Like [`new`](Self::new), but returns the [`ConfigError`].
     pub fn try_new(config: BreakerConfig, max_ejected: f64) -> Result<Self, ConfigError> {
         config.validate()?;
+        let budget = MaxEjectedShare::try_named(max_ejected, config.name())?;
         Ok(OutlierEjection {
             config,
             classify: ErrorsAreFailures::default(),
-            budget: MaxEjectedShare::try_new(max_ejected)?,
+            budget,
         })
     }
 }

@@ -117,7 +117,9 @@
 //!
 //! # Metrics
 //!
-//! - `tower_scale_endpoints{name, state="healthy"|"unhealthy"}` (gauges).
+//! - `tower_scale_endpoints{name, state="healthy"|"unhealthy"}` (gauges), and
+//!   with [`OutlierEjection`], `tower_scale_endpoints{name, state="ejected"}`
+//!   (the breakers' config name).
 //! - `tower_scale_health_panic{name}`: 1 while in panic mode.
 //! - The breakers' own metrics, named `<breaker name>/<endpoint>`, and
 //!   `tower_scale_breaker_denied_total` for trips the budget refused.

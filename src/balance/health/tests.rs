@@ -456,3 +456,29 @@ async fn the_http_probe_expects_a_2xx() {
     };
     assert!(HttpProbe::get("/healthz").probe(closed).await.is_err());
 }
+
+/// The ejection budget counts ejected endpoints in
+/// `tower_scale_endpoints{state="ejected"}`.
+#[test]
+fn the_ejection_budget_reports_ejected_endpoints() {
+    use crate::breaker::EjectionBudget;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let prometheus = recorder.handle();
+    let budget = metrics::with_local_recorder(&recorder, || {
+        MaxEjectedShare::try_named(0.4, "api").unwrap()
+    });
+    let ejected = || {
+        prometheus.render().lines().find_map(|line| {
+            line.strip_prefix(r#"tower_scale_endpoints{name="api",state="ejected"}"#)?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    budget.set_endpoints(5);
+    assert!(budget.try_open() && budget.try_open());
+    assert!(!budget.try_open(), "two of five at most");
+    assert_eq!(ejected(), Some(2.0));
+    budget.release();
+    assert_eq!(ejected(), Some(1.0));
+}
