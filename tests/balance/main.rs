@@ -179,6 +179,65 @@ async fn a_slow_backend_gets_a_small_share_under_p2c() {
     println!("tower P2C + PeakEwma: per backend {counts:?}");
 }
 
+/// On real sockets, what the tail-latency simulation shows: a backend that
+/// fails fast looks like the fastest to tower's PeakEwma, which sends it a
+/// large share, while our failure-aware load sends it almost nothing (the
+/// breakers here never open, so the load alone decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_failing_backend_gets_few_calls_under_our_load_and_many_under_peak_ewma() {
+    let backends = backends(3).await;
+    for backend in &backends {
+        backend.behaviour.delay_ms.store(5, SeqCst);
+    }
+    backends[2].behaviour.delay_ms.store(0, SeqCst);
+    backends[2].behaviour.failing.store(true, SeqCst);
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let never_open = || {
+        let breaker = BreakerConfig::builder()
+            .window(Window::Count(1000))
+            .minimum_calls(1000)
+            .failure_rate(1.0)
+            .build()
+            .unwrap();
+        HttpEndpoint::<Body>::builder()
+            .breaker(breaker)
+            .build()
+            .unwrap()
+    };
+
+    let factory = never_open();
+    let (discover, _handle) = Static::new(addrs.clone(), move |e: &Endpoint| {
+        FailureAwareEwma::new(factory.make(e)).classify(HttpFailures::new())
+    });
+    let ours = shared(Balancer::new(discover, WeightedP2c::new()));
+    let (counts, failed) = run_workers(&ours, 6, 60).await;
+    let ours_share = failed as f64 / (counts.iter().sum::<usize>() + failed) as f64;
+
+    let factory = never_open();
+    let (discover, _handle) = Static::new(addrs, move |e: &Endpoint| factory.make(e));
+    let discover = PeakEwmaDiscover::new(
+        discover,
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+        CompleteOnResponse::default(),
+    );
+    let theirs = shared(Balance::new(discover));
+    let (their_counts, their_failed) = run_workers(&theirs, 6, 60).await;
+    let their_share =
+        their_failed as f64 / (their_counts.iter().sum::<usize>() + their_failed) as f64;
+    println!(
+        "fast-failing backend: ours {:.1}% of calls ({counts:?} ok), tower PeakEwma {:.1}% ({their_counts:?} ok)",
+        ours_share * 100.0,
+        their_share * 100.0
+    );
+    assert!(ours_share < 0.05, "ours sent it {:.1}%", ours_share * 100.0);
+    assert!(
+        their_share > 0.2,
+        "tower sent it {:.1}%",
+        their_share * 100.0
+    );
+}
+
 /// `workers` tasks each sending `each` requests through `client`; the
 /// per-backend counts and the failures.
 async fn run_workers<S>(client: &S, workers: usize, each: usize) -> (Vec<usize>, usize)
