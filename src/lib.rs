@@ -15,6 +15,8 @@
 //! | [`drain`] | [`DrainLayer`](drain::DrainLayer) from a [`Drain`](drain::Drain) | graceful shutdown: readiness down, then refusals, then wait for every call in flight, within a deadline |
 //! | `http` | `ErrorResponseLayer`, `SafeRetry` | turns every rejection into an HTTP response; retries on the client what was refused before any work (feature `http`) |
 //! | `health` | `HealthChecks` | application checks in the background; health, readiness (follows the drain) and liveness services (feature `health`) |
+//! | `discover` | `Static`, `Dns` | discovery sources for `tower::balance` that never fail and never end (features `balance`, `dns`) |
+//! | `balance` | `Balancer`, `ConsistentHash`, `HttpEndpoint`, `ReadyTimeoutLayer` | weighted P2C and other policies, a failure-aware load, health checks, ejection, slow start (feature `balance`) |
 //!
 //! # Example
 //!
