@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the integration tests start by themselves. Later
-# capabilities add theirs here, e.g. redis-server for the Redis registry.
+# System packages the integration tests start by themselves. redis-server:
+# the Redis registry tests (tests/registry) start it on a free port.
 # dnsmasq (Debian's dnsmasq-base: the binary only, no service): the DNS
 # discovery tests (tests/dns) run it on a loopback port.
 NEEDED_COMMANDS=(   # pairs of "command:debian-package"
   dnsmasq:dnsmasq-base
+  redis-server:redis-server
 )
 
 missing=()

@@ -124,6 +124,14 @@ pub mod balance;
 #[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
 pub mod discover;
 
+#[cfg(feature = "registry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
+pub mod registry;
+
+#[cfg(feature = "registry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
+pub mod scale;
+
 mod metrics_util;
 mod wait_list;
 

@@ -12,6 +12,7 @@ pub(crate) enum Reason {
     QueueTimeout,
     CircuitOpen,
     Draining,
+    #[cfg(feature = "balance")]
     NoEndpoints,
 }
 
@@ -23,6 +24,7 @@ impl Reason {
             Reason::QueueTimeout => "queue_timeout",
             Reason::CircuitOpen => "circuit_open",
             Reason::Draining => "draining",
+            #[cfg(feature = "balance")]
             Reason::NoEndpoints => "no_endpoints",
         }
     }

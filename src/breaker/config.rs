@@ -87,6 +87,7 @@ impl BreakerConfig {
     }
 
     /// The same settings under another metrics name.
+    #[cfg(feature = "balance")]
     pub(crate) fn renamed(&self, name: String) -> BreakerConfig {
         BreakerConfig {
             name,

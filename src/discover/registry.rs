@@ -1,0 +1,1 @@
+//! The instance registry as a discovery source (features `balance` and `registry`).

@@ -1,0 +1,1 @@
+//! The automatic heartbeat: an instance reports its figures on an interval.

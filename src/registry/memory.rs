@@ -1,0 +1,1 @@
+//! The in-memory registry, for tests and a single process.

@@ -1,0 +1,1 @@
+//! The Redis-backed registry (feature `redis`).
