@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use tower::buffer::Buffer;
 use tower::discover::Discover;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_scale::balance::health::{HealthCheckConfig, HealthChecked, HttpProbe};
+use tower_scale::balance::health::{HealthCheckConfig, HealthChecked, HttpProbe, MaxEjectedShare};
 use tower_scale::balance::load::{FailureAwareEwma, HttpFailures};
 use tower_scale::balance::policy::WeightedP2c;
 use tower_scale::balance::{Balancer, HttpEndpoint, ReadyTimeoutLayer};
@@ -88,6 +88,9 @@ async fn main() -> Result<(), BoxError> {
     let factory = HttpEndpoint::<Body>::builder()
         .timeout(Duration::from_secs(2))
         .breaker(breaker)
+        // At most half the endpoints ejected at once: a cluster-wide
+        // incident does not eject everyone.
+        .ejection_budget(MaxEjectedShare::new(0.5))
         .name("backend")
         .build()?;
     let make = move |endpoint: &Endpoint| {

@@ -3,9 +3,13 @@
 //! A new instance has cold caches, an unwarmed JIT or connection pools still
 //! opening; sending it a full share at once makes its first seconds slow. For
 //! a `window` after an endpoint is added, [`SlowStart`] scales its weight (for
-//! the weighted policies, through [`Weight`]) and inflates its load (for
-//! power-of-two-choices, through tower's [`Load`]) by a factor that ramps from
-//! `min_share` to 1, then behaves exactly like the endpoint it wraps.
+//! the weighted policies, through [`Weight`]) by a factor that ramps from
+//! `min_share` to 1, then behaves exactly like the endpoint it wraps. For
+//! tower's own `Balance`, which reads no weight, turn on
+//! [`inflate_load`](SlowStartBuilder::inflate_load): the load is then
+//! inflated by the same factor instead. (Not both: under a weighted policy an
+//! inflated load makes an idle new endpoint lose every comparison with idle
+//! peers, and it would get nothing until the window ends.)
 //!
 //! The factor follows Envoy's slow start: `max(min_share, (t / window) ^ (1 /
 //! aggression))` at `t` after the start. With `aggression` 1 (the default) the
@@ -14,7 +18,7 @@
 //!
 //! - **Weight**: the endpoint's weight times the factor, rounded, at least 1
 //!   (a weight of 0 stays 0).
-//! - **Load**: `(load + 1) / factor − 1`, as if the endpoint had `1 / factor`
+//! - **Load**, with `inflate_load`: `(load + 1) / factor − 1`, as if the endpoint had `1 / factor`
 //!   times its work. For a peak-EWMA cost (nanoseconds) that is the cost
 //!   divided by the factor; for a count of calls in flight, an idle new
 //!   endpoint looks like one with `1 / factor − 1` calls, so P2C picks it only
@@ -45,10 +49,9 @@
 //! assert_eq!(svc.weight(), 10); // min_share: 10 % at first
 //! tokio::time::advance(Duration::from_secs(30)).await;
 //! assert_eq!(svc.weight(), 50);
-//! assert_eq!(svc.load().value(), 1.0); // idle, but looks like one call in flight
+//! assert_eq!(svc.load().value(), 0.0); // the load is left alone by default
 //! tokio::time::advance(Duration::from_secs(30)).await;
 //! assert_eq!(svc.weight(), 100);
-//! assert_eq!(svc.load().value(), 0.0);
 //! # }
 //! ```
 //!
@@ -76,6 +79,7 @@ struct Ramp {
     window: Duration,
     aggression: f64,
     min_share: f64,
+    inflate_load: bool,
 }
 
 impl Ramp {
@@ -181,6 +185,9 @@ where
 
     fn load(&self) -> RampedLoad {
         let load = self.inner.load().value();
+        if !self.ramp.inflate_load {
+            return RampedLoad(load);
+        }
         let factor = self.factor();
         if factor >= 1.0 {
             RampedLoad(load)
@@ -230,6 +237,7 @@ impl SlowStartLayer {
                 window: Duration::from_secs(30),
                 aggression: 1.0,
                 min_share: 0.1,
+                inflate_load: false,
             },
         }
     }
@@ -280,6 +288,14 @@ impl SlowStartBuilder {
     /// 0.1).
     pub fn min_share(mut self, share: f64) -> Self {
         self.ramp.min_share = share;
+        self
+    }
+
+    /// Also inflate the load during the ramp (default off): for tower's
+    /// `Balance`, which reads no weight. Leave it off under this crate's
+    /// weighted policies, which read the ramped weight.
+    pub fn inflate_load(mut self, inflate: bool) -> Self {
+        self.ramp.inflate_load = inflate;
         self
     }
 
@@ -410,7 +426,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_load_is_inflated_during_the_window_only() {
-        let mut svc = SlowStartLayer::new(10 * SEC).layer(Pending::new(service_fn(|()| async {
+        let inflating = SlowStartLayer::builder()
+            .window(10 * SEC)
+            .inflate_load(true)
+            .build()
+            .unwrap();
+        let plain = SlowStartLayer::new(10 * SEC).layer(Pending::new(service_fn(|()| async {
+            Ok::<_, BoxError>(())
+        })));
+        assert_eq!(plain.load().value(), 0.0, "off by default");
+        let mut svc = inflating.layer(Pending::new(service_fn(|()| async {
             sleep(Duration::from_secs(100)).await;
             Ok::<_, BoxError>(())
         })));
@@ -459,7 +484,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn p2c_gives_a_new_endpoint_a_ramping_share() {
         let window = 10 * SEC;
-        let layer = SlowStartLayer::new(window);
+        // tower's Balance reads no weight: the load carries the ramp.
+        let layer = SlowStartLayer::builder()
+            .window(window)
+            .inflate_load(true)
+            .build()
+            .unwrap();
         let endpoint = |id: usize| -> Mock {
             BoxCloneService::new(service_fn(move |()| async move {
                 sleep(Duration::from_millis(20)).await;
@@ -501,5 +531,53 @@ mod tests {
         );
         assert!(shares[0] < 0.15, "{shares:?}");
         assert!((shares[4] - 1.0 / 3.0).abs() < 0.05, "{shares:?}");
+    }
+
+    /// Under this crate's weighted P2C the new endpoint's share ramps with
+    /// its weight, even with idle peers and calls one at a time (the load is
+    /// left alone).
+    #[tokio::test(start_paused = true)]
+    async fn weighted_p2c_gives_a_new_endpoint_a_ramping_share() {
+        use crate::balance::load::Pending;
+        use crate::balance::policy::WeightedP2c;
+        use crate::balance::Balancer;
+        use crate::discover::{Endpoint, Static};
+        use std::net::SocketAddr;
+
+        let addr = |n: u8| SocketAddr::from(([127, 0, 0, n], 80));
+        let make = |e: &Endpoint| {
+            let addr = e.addr();
+            Pending::new(service_fn(move |()| async move { Ok::<_, BoxError>(addr) }))
+        };
+        let (source, handle) = Static::new([addr(1), addr(2)], make);
+        let layer = SlowStartLayer::new(100 * SEC);
+        let mut balancer = Balancer::new(layer.discover(source), WeightedP2c::with_seed(7));
+        for _ in 0..10 {
+            balancer.ready().await.unwrap().call(()).await.unwrap();
+        }
+        advance(200 * SEC).await; // the first two are warm
+        handle.add(addr(3));
+        let mut shares = Vec::new();
+        for _ in 0..5 {
+            let mut new = 0;
+            for _ in 0..200 {
+                if balancer.ready().await.unwrap().call(()).await.unwrap() == addr(3) {
+                    new += 1;
+                }
+                advance(Duration::from_millis(100)).await;
+            }
+            shares.push(new as f64 / 200.0);
+        }
+        let mut after = 0;
+        for _ in 0..600 {
+            if balancer.ready().await.unwrap().call(()).await.unwrap() == addr(3) {
+                after += 1;
+            }
+        }
+        let after = after as f64 / 600.0;
+        println!("new endpoint's share per fifth of the window: {shares:?}, then {after:.3}");
+        assert!(shares[0] > 0.0 && shares[0] < 0.15, "{shares:?}");
+        assert!(shares[4] > shares[0] + 0.1, "{shares:?}");
+        assert!((after - 1.0 / 3.0).abs() < 0.08, "{after}");
     }
 }

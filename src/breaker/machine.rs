@@ -88,10 +88,12 @@ impl std::ops::DerefMut for MachineGuard<'_> {
 impl Drop for Breaker {
     fn drop(&mut self) {
         let machine = self.machine.get_mut().unwrap_or_else(|e| e.into_inner());
-        if std::mem::take(&mut machine.holds_budget) {
-            if let Some(budget) = &self.budget {
+        let held = std::mem::take(&mut machine.holds_budget);
+        if let Some(budget) = &self.budget {
+            if held {
                 budget.release();
             }
+            budget.left();
         }
     }
 }
@@ -145,6 +147,9 @@ impl Breaker {
             Window::Count(n) => Outcomes::count(n),
             Window::Time { duration, buckets } => Outcomes::time(duration, buckets, now),
         };
+        if let Some(budget) = &budget {
+            budget.joined();
+        }
         let name = config.name.as_str();
         let state_gauge = metrics_util::gauge("tower_scale_breaker_state", name);
         state_gauge.set(0.0);

@@ -202,6 +202,13 @@ pub trait EjectionBudget: Send + Sync + 'static {
 
     /// A breaker that held a share closed (or was reset or disabled).
     fn release(&self);
+
+    /// A breaker sharing this budget was made (default: nothing), so a
+    /// budget that is a share of the group knows the group's size.
+    fn joined(&self) {}
+
+    /// A breaker sharing this budget was dropped (default: nothing).
+    fn left(&self) {}
 }
 
 /// An [`EjectionBudget`] that lets at most `max` breakers of a group be open at

@@ -35,7 +35,10 @@ use crate::metrics_util::{self, DEFAULT_NAME};
 ///   [`QueueTimeout`](crate::error::QueueTimeout),
 ///   [`Overloaded`](crate::error::Overloaded),
 ///   [`CircuitOpen`](crate::error::CircuitOpen)): a client-side layer refused
-///   it.
+///   it. Not [`NoEndpoints`](crate::error::NoEndpoints): the client's own
+///   balancer had no ready endpoint, and an immediate retry would meet the
+///   same empty set (a 503 marked `no_endpoints` from a proxy is retried like
+///   any marked refusal).
 /// - An error whose chain holds an `io::Error` of kind `ConnectionRefused`, or
 ///   (feature `balance`) a hyper-util client error that happened while
 ///   connecting: the connection was never made, so the server never saw the
@@ -180,8 +183,12 @@ impl SafeRetry {
 
     /// Whether `err` says the request was refused before any work started.
     pub fn is_refused_error(err: &(dyn StdError + 'static)) -> bool {
-        if matches!(Rejection::of(err), Rejection::Refused(_)) {
-            return true;
+        match Rejection::of(err) {
+            // This client's own balancer has no ready endpoint: sending again
+            // at once meets the same empty set and spends the budget.
+            Rejection::Refused("no_endpoints") => return false,
+            Rejection::Refused(_) => return true,
+            _ => {}
         }
         let mut current = Some(err);
         while let Some(err) = current {

@@ -467,6 +467,16 @@ mod retry {
         assert_eq!(script.attempts(), 4);
     }
 
+    /// The client's own balancer having no endpoint is not retried.
+    #[tokio::test(start_paused = true)]
+    async fn no_endpoints_is_not_retried() {
+        let script = Script::new(vec![Answer::Fail(|| {
+            crate::error::NoEndpoints::new().into()
+        })]);
+        assert!(send(SafeRetry::new(), &script).await.is_err());
+        assert_eq!(script.attempts(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_honoured_up_to_max_wait() {
         const WAIT_2S: Answer = Answer::Status(

@@ -166,10 +166,9 @@ pub struct HealthChecked<D: Discover, P> {
     config: Arc<HealthCheckConfig>,
     endpoints: HashMap<SocketAddr, Entry<D::Service>>,
     changes: VecDeque<Change<SocketAddr, D::Service>>,
-    results_tx: mpsc::UnboundedSender<ProbeResult>,
-    results: mpsc::UnboundedReceiver<ProbeResult>,
+    results_tx: mpsc::UnboundedSender<Verdict>,
+    results: mpsc::UnboundedReceiver<Verdict>,
     generation: u64,
-    unhealthy: usize,
     panic: bool,
     healthy_gauge: Gauge,
     unhealthy_gauge: Gauge,
@@ -180,9 +179,10 @@ struct Entry<S> {
     /// Kept to re-insert the endpoint; the balancer gets clones.
     service: S,
     healthy: bool,
+    /// Whether its probes have reached a verdict (a threshold of results one
+    /// way): until then it does not count towards the panic threshold.
+    checked: bool,
     in_rotation: bool,
-    /// Consecutive probe results that disagree with `healthy`.
-    streak: u32,
     generation: u64,
     task: Option<JoinHandle<()>>,
 }
@@ -195,10 +195,17 @@ impl<S> Drop for Entry<S> {
     }
 }
 
-struct ProbeResult {
+/// What a probe task sends: its first verdict, then every change of state.
+/// The task counts the thresholds itself, so the channel carries a message
+/// per state change, not per probe: an idle client (whose balancer polls
+/// discovery only when a request comes) never finds a backlog of stale
+/// results.
+struct Verdict {
     addr: SocketAddr,
     generation: u64,
-    result: Result<(), BoxError>,
+    healthy: bool,
+    /// The failure that made it unhealthy.
+    error: Option<BoxError>,
 }
 
 /// A probe that did not finish within the timeout.
@@ -252,7 +259,6 @@ where
             results_tx,
             results,
             generation: 0,
-            unhealthy: 0,
             panic: false,
             healthy_gauge,
             unhealthy_gauge,
@@ -321,26 +327,19 @@ where
             Entry {
                 service,
                 healthy,
+                checked: false,
                 in_rotation: false,
-                streak: 0,
                 generation: self.generation,
                 task: Some(task),
             },
         );
-        if !healthy {
-            self.unhealthy += 1;
-        }
         tracing::debug!(name = %self.config.name, endpoint = %addr, state = health(healthy), "health checks started");
         self.reconcile();
     }
 
     /// Drops an endpoint (its probe task is aborted); emits nothing.
     fn forget(&mut self, addr: SocketAddr) -> Option<Entry<D::Service>> {
-        let entry = self.endpoints.remove(&addr)?;
-        if !entry.healthy {
-            self.unhealthy -= 1;
-        }
-        Some(entry)
+        self.endpoints.remove(&addr)
     }
 
     fn remove(&mut self, addr: SocketAddr) {
@@ -353,42 +352,25 @@ where
         }
     }
 
-    fn on_result(&mut self, result: ProbeResult) {
+    fn on_result(&mut self, verdict: Verdict) {
         let config = &self.config;
-        let Some(entry) = self.endpoints.get_mut(&result.addr) else {
+        let Some(entry) = self.endpoints.get_mut(&verdict.addr) else {
             return;
         };
-        if entry.generation != result.generation {
+        if entry.generation != verdict.generation {
             return;
         }
-        if result.result.is_ok() == entry.healthy {
-            entry.streak = 0;
-            return;
-        }
-        entry.streak += 1;
-        let threshold = if entry.healthy {
-            config.unhealthy_threshold
-        } else {
-            config.healthy_threshold
-        };
-        if entry.streak < threshold {
-            return;
-        }
-        entry.streak = 0;
-        entry.healthy = !entry.healthy;
-        let healthy = entry.healthy;
-        match &result.result {
-            Ok(()) => {
-                tracing::info!(name = %config.name, endpoint = %result.addr, from = "unhealthy", to = "healthy", "endpoint healthy again");
+        entry.checked = true;
+        if entry.healthy != verdict.healthy {
+            entry.healthy = verdict.healthy;
+            match &verdict.error {
+                None => {
+                    tracing::info!(name = %config.name, endpoint = %verdict.addr, from = "unhealthy", to = "healthy", "endpoint healthy again");
+                }
+                Some(error) => {
+                    tracing::warn!(name = %config.name, endpoint = %verdict.addr, from = "healthy", to = "unhealthy", %error, "endpoint unhealthy");
+                }
             }
-            Err(error) => {
-                tracing::warn!(name = %config.name, endpoint = %result.addr, from = "healthy", to = "unhealthy", %error, "endpoint unhealthy");
-            }
-        }
-        if healthy {
-            self.unhealthy -= 1;
-        } else {
-            self.unhealthy += 1;
         }
         self.reconcile();
     }
@@ -396,8 +378,15 @@ where
     /// Brings the set in rotation in line with health and panic mode.
     fn reconcile(&mut self) {
         let total = self.endpoints.len();
-        let unhealthy = self.unhealthy;
-        let panic = total > 0 && unhealthy as f64 > self.config.panic_threshold * total as f64;
+        let unhealthy = self.endpoints.values().filter(|e| !e.healthy).count();
+        // Endpoints not checked yet do not count: a new set that starts
+        // unhealthy (`initially_healthy(false)`) is not a reason to panic.
+        let failed = self
+            .endpoints
+            .values()
+            .filter(|e| !e.healthy && e.checked)
+            .count();
+        let panic = total > 0 && failed as f64 > self.config.panic_threshold * total as f64;
         if panic != self.panic {
             self.panic = panic;
             self.panic_gauge.set(if panic { 1.0 } else { 0.0 });
@@ -429,10 +418,14 @@ async fn probe_loop<P: Probe>(
     addr: SocketAddr,
     generation: u64,
     config: Arc<HealthCheckConfig>,
-    results: mpsc::UnboundedSender<ProbeResult>,
+    verdicts: mpsc::UnboundedSender<Verdict>,
 ) {
     let mut ticks = tokio::time::interval(config.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut healthy = config.initially_healthy;
+    let mut checked = false;
+    // Consecutive results that agree, and that disagree, with `healthy`.
+    let (mut agree, mut disagree) = (0u32, 0u32);
     loop {
         ticks.tick().await;
         let result = match tokio::time::timeout(config.timeout, probe.probe(addr)).await {
@@ -442,13 +435,38 @@ async fn probe_loop<P: Probe>(
         if let Err(error) = &result {
             tracing::debug!(name = %config.name, endpoint = %addr, %error, "health check failed");
         }
-        let result = ProbeResult {
-            addr,
-            generation,
-            result,
+        let threshold = |healthy: bool| {
+            if healthy {
+                config.healthy_threshold
+            } else {
+                config.unhealthy_threshold
+            }
         };
-        if results.send(result).is_err() {
-            return;
+        let verdict = if result.is_ok() == healthy {
+            disagree = 0;
+            agree = agree.saturating_add(1);
+            // The first verdict: the state is confirmed.
+            (!checked && agree >= threshold(healthy)).then_some(None)
+        } else {
+            agree = 0;
+            disagree += 1;
+            (disagree >= threshold(!healthy)).then(|| {
+                healthy = !healthy;
+                disagree = 0;
+                result.err()
+            })
+        };
+        if let Some(error) = verdict {
+            checked = true;
+            let verdict = Verdict {
+                addr,
+                generation,
+                healthy,
+                error,
+            };
+            if verdicts.send(verdict).is_err() {
+                return;
+            }
         }
     }
 }
@@ -506,7 +524,10 @@ impl<D: Discover, P> fmt::Debug for HealthChecked<D, P> {
         f.debug_struct("HealthChecked")
             .field("name", &self.config.name)
             .field("endpoints", &self.endpoints.len())
-            .field("unhealthy", &self.unhealthy)
+            .field(
+                "unhealthy",
+                &self.endpoints.values().filter(|e| !e.healthy).count(),
+            )
             .field("panic", &self.panic)
             .finish_non_exhaustive()
     }

@@ -23,8 +23,12 @@ use crate::error::{or_panic, ConfigError};
 /// An [`EjectionBudget`] that lets at most a share of the current endpoints be
 /// ejected (their breakers open) at once.
 ///
-/// The endpoint count is kept by [`Ejecting`], or set by hand with
-/// [`set_endpoints`](Self::set_endpoints). The allowance is
+/// The endpoint count is the number of live breakers sharing the budget
+/// (every breaker made with it joins, and leaves when dropped), whoever made
+/// them: [`Ejecting`], [`HttpEndpoint`](crate::balance::HttpEndpoint) with
+/// [`ejection_budget`](crate::balance::HttpEndpointBuilder::ejection_budget),
+/// or a breaker layer of your own; [`set_endpoints`](Self::set_endpoints)
+/// overrides it. The allowance is
 /// `floor(share × endpoints)`, but at least one when there are two endpoints or
 /// more and the share is not zero (so a 10 % budget over five endpoints still
 /// ejects one), and never the only endpoint. A breaker that opened keeps its
@@ -115,6 +119,16 @@ impl EjectionBudget for MaxEjectedShare {
             }
             Err(_) => false,
         }
+    }
+
+    fn joined(&self) {
+        self.endpoints.fetch_add(1, SeqCst);
+    }
+
+    fn left(&self) {
+        let _ = self
+            .endpoints
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
     }
 
     fn release(&self) {
@@ -265,21 +279,17 @@ where
             Some(Err(err)) => return Poll::Ready(Some(Err(err))),
             Some(Ok(change)) => change,
         };
-        let budget = &this.ejection.budget;
         Poll::Ready(Some(Ok(match change {
             Change::Insert(key, service) => {
                 let breaker = this.ejection.breaker(&key, service);
-                match this.breakers.insert(key.clone(), breaker.handle()) {
-                    Some(old) => release(old),
-                    None => {
-                        budget.endpoints.fetch_add(1, SeqCst);
-                    }
+                // The new breaker joined the budget's count when made.
+                if let Some(old) = this.breakers.insert(key.clone(), breaker.handle()) {
+                    release(old);
                 }
                 Change::Insert(key, breaker)
             }
             Change::Remove(key) => {
                 if let Some(old) = this.breakers.remove(&key) {
-                    budget.endpoints.fetch_sub(1, SeqCst);
                     release(old);
                 }
                 Change::Remove(key)

@@ -280,6 +280,65 @@ async fn initially_unhealthy_endpoints_join_after_the_healthy_threshold() {
     assert_eq!(joined, ["+1", "+2"]);
 }
 
+/// With the default panic threshold too: a new set that starts unhealthy is
+/// not a reason to panic, so nothing joins before its healthy threshold; a set
+/// whose probes all fail once checked does panic.
+#[tokio::test(start_paused = true)]
+async fn initially_unhealthy_endpoints_do_not_trip_the_panic_threshold() {
+    let probes = Probes::default();
+    let (mut stream, _handle) = checked(&[1, 2, 3], &probes, config().initially_healthy(false));
+    assert!(changes(&mut stream).await.is_empty(), "1 good probe of 2");
+    assert!(!stream.in_panic());
+    let mut joined = tick(&mut stream).await;
+    joined.sort();
+    assert_eq!(joined, ["+1", "+2", "+3"]);
+
+    let probes = Probes::default();
+    for port in [1, 2, 3] {
+        probes.set_down(addr(port), true);
+    }
+    let (mut stream, _handle) = checked(&[1, 2, 3], &probes, config().initially_healthy(false));
+    assert!(changes(&mut stream).await.is_empty());
+    assert!(
+        tick(&mut stream).await.is_empty(),
+        "two failures of three: not checked yet"
+    );
+    let mut all = tick(&mut stream).await;
+    all.sort();
+    assert_eq!(
+        all,
+        ["+1", "+2", "+3"],
+        "checked and all down: panic routes to all"
+    );
+    assert!(stream.in_panic());
+}
+
+/// While nobody polls the stream (an idle client), probes keep running but
+/// only changes of state are kept: after an hour in which an endpoint went
+/// down and came back, the stream reports its current state, not an hour of
+/// results.
+#[tokio::test(start_paused = true)]
+async fn an_idle_client_finds_the_current_state_not_a_backlog() {
+    let probes = Probes::default();
+    let (mut stream, _handle) = checked(&[1, 2, 3], &probes, config());
+    let mut first = changes(&mut stream).await;
+    first.sort();
+    assert_eq!(first, ["+1", "+2", "+3"]);
+    probes.set_down(addr(1), true);
+    for _ in 0..5 {
+        advance(SEC).await;
+        settle().await;
+    }
+    probes.set_down(addr(1), false);
+    for _ in 0..3600 {
+        advance(SEC).await;
+        settle().await;
+    }
+    let later = changes(&mut stream).await;
+    assert_eq!(later, ["-1", "+1"], "one change each way, in order");
+    assert_eq!(stream.is_healthy(addr(1)), Some(true));
+}
+
 #[test]
 fn the_config_builder_names_the_bad_field() {
     let field = |b: HealthCheckConfigBuilder| b.build().unwrap_err().field();
@@ -389,6 +448,10 @@ async fn with_five_endpoints_and_a_fifth_ejected_two_failing_endpoints_are_eject
     handle.remove(addr(1));
     assert!(matches!(ejecting.next().await.unwrap().unwrap(), Change::Remove(a) if a == addr(1)));
     assert_eq!(budget.ejected(), 0);
+    // The count is of live breakers: it drops when the balancer lets go of
+    // the removed endpoint (and the test of its handle).
+    drop(services.remove(&addr(1)));
+    drop(one);
     assert_eq!(budget.endpoints(), 4);
     let svc = services.get_mut(&addr(2)).unwrap();
     assert!(svc.ready().await.unwrap().call(()).await.is_err());
@@ -481,4 +544,24 @@ fn the_ejection_budget_reports_ejected_endpoints() {
     assert_eq!(ejected(), Some(2.0));
     budget.release();
     assert_eq!(ejected(), Some(1.0));
+}
+
+/// A share budget counts every live breaker that shares it, however it was
+/// made (here plain breaker layers, as `HttpEndpoint` makes them).
+#[test]
+fn a_share_budget_counts_the_breakers_that_share_it() {
+    use crate::breaker::{BreakerConfig, CircuitBreakerLayer};
+    let budget = MaxEjectedShare::new(0.5);
+    let mut handles: Vec<_> = (0..4)
+        .map(|_| {
+            CircuitBreakerLayer::new(BreakerConfig::default())
+                .budget(budget.clone())
+                .handle()
+        })
+        .collect();
+    assert_eq!(budget.endpoints(), 4);
+    assert_eq!(budget.allowed(), 2);
+    handles.truncate(2);
+    assert_eq!(budget.endpoints(), 2);
+    assert_eq!(budget.allowed(), 1);
 }

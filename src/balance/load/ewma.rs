@@ -195,6 +195,19 @@ impl Shared {
         self.estimate.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A call dropped before its end (an outer timeout, a client that went
+    /// away): its time so far counts as a round trip if it raises the
+    /// estimate (so an endpoint that never answers grows expensive), but it
+    /// says nothing about success: a failure penalty stays.
+    fn cancelled(&self, sent_at: Instant) {
+        let now = Instant::now();
+        let rtt = nanos(now.saturating_duration_since(sent_at));
+        let mut estimate = self.lock();
+        if rtt > estimate.rtt_ns {
+            estimate.update(rtt, now, self.settings.decay_ns);
+        }
+    }
+
     fn record(&self, sent_at: Instant, outcome: LoadOutcome) {
         let settings = &self.settings;
         let now = Instant::now();
@@ -240,7 +253,7 @@ impl Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         if !self.recorded {
-            self.shared.record(self.sent_at, LoadOutcome::Success);
+            self.shared.cancelled(self.sent_at);
         }
         self.shared.in_flight.fetch_sub(1, Relaxed);
     }

@@ -119,6 +119,30 @@ async fn a_failure_costs_the_penalty_for_a_while_and_a_success_clears_it() {
     assert!(after < 11e6, "back at once after a success: {after}");
 }
 
+/// A call cancelled before its end (an outer timeout) says nothing about
+/// success: the failure penalty stays; but a long one still raises the
+/// estimate, so an endpoint that never answers grows expensive.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_call_keeps_the_penalty_but_counts_its_time() {
+    let mut failing = layer(Duration::from_secs(1)).layer(endpoint(MS, true));
+    assert!(failing.ready().await.unwrap().call(()).await.is_err());
+    assert_eq!(failing.load().get(), 1e9);
+    let cancelled = failing.ready().await.unwrap().call(());
+    advance(MS).await;
+    drop(cancelled);
+    assert_eq!(failing.load().get(), 1e9, "the penalty stays");
+
+    let mut hanging = layer(Duration::from_secs(1)).layer(endpoint(Duration::from_secs(60), false));
+    let call = hanging.ready().await.unwrap().call(());
+    advance(Duration::from_millis(500)).await;
+    drop(call);
+    assert!(
+        hanging.rtt_estimate() >= Duration::from_millis(499),
+        "{:?}",
+        hanging.rtt_estimate()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn in_flight_calls_multiply_the_cost_and_leave_when_dropped() {
     let mut svc = layer(Duration::from_secs(1)).layer(endpoint(Duration::from_secs(60), false));

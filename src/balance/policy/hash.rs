@@ -531,7 +531,8 @@ where
                 .and_then(|key| self.core.cache.get_ready(&key).map(|(index, _, _)| index)),
         };
         let Some(index) = index else {
-            // Not reached: the picked endpoint stays ready until it is called.
+            // Rare: every ready endpoint turned not ready between `poll_ready`
+            // and `call` (a not-ready breaker that tripped meanwhile).
             tracing::warn!(name = %self.core.name(), "no ready endpoint at call");
             return ResponseFuture::no_endpoints();
         };

@@ -17,6 +17,11 @@ use crate::discover::Weight;
 /// changing makes them read at once).
 pub(super) const REFRESH_PICKS: u32 = 1024;
 
+/// [`WeightedP2c`] also reads the weights again when this much time has passed
+/// since it last did (checked every 16 picks), so that a weight that moves
+/// with time (a slow-start ramp) is followed at low request rates too.
+const REFRESH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 // ---------------------------------------------------------------------------
 
 /// Weighted power of two choices: samples two distinct ready endpoints with
@@ -32,14 +37,16 @@ pub(super) const REFRESH_PICKS: u32 = 1024;
 ///
 /// A pick costs two samples (a binary search each over the cumulative
 /// weights of the ready endpoints, rebuilt when the ready set changes) and
-/// two loads: O(log n). Weights are read when the ready set changes and
-/// every 1024 picks. See the [module docs](super) for an example.
+/// two loads: O(log n). Weights are read when the ready set changes, every
+/// 1024 picks, and at least every 100 ms while picks come. See the
+/// [module docs](super) for an example.
 #[derive(Clone)]
 pub struct WeightedP2c {
     rng: FastRng,
     /// `cumulative[i]`: the sum of the weights of ready endpoints `0..=i`.
     cumulative: Vec<u64>,
     picks: u32,
+    rebuilt_at: Option<tokio::time::Instant>,
 }
 
 impl WeightedP2c {
@@ -58,11 +65,13 @@ impl WeightedP2c {
             rng,
             cumulative: Vec::new(),
             picks: 0,
+            rebuilt_at: None,
         }
     }
 
     fn rebuild<K: Eq + Hash, S: Weight, Req>(&mut self, ready: &ReadyCache<K, Node<S>, Req>) {
         self.picks = 0;
+        self.rebuilt_at = Some(tokio::time::Instant::now());
         self.cumulative.clear();
         let mut sum = 0u64;
         for (_, node) in ready.iter_ready() {
@@ -122,7 +131,11 @@ where
             _ => {}
         }
         self.picks += 1;
-        if changed || self.cumulative.len() != n || self.picks >= REFRESH_PICKS {
+        let stale = self.picks.is_multiple_of(16)
+            && self
+                .rebuilt_at
+                .is_none_or(|at| at.elapsed() >= REFRESH_AFTER);
+        if changed || self.cumulative.len() != n || self.picks >= REFRESH_PICKS || stale {
             self.rebuild(ready);
         }
         let load = |i: usize| {
