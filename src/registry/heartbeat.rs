@@ -1007,6 +1007,17 @@ mod tests {
         assert_eq!(default.interval(), DEFAULT_TTL / 3);
     }
 
+    /// The handle can be kept anywhere (axum state, another task); the
+    /// heartbeat can be built on one thread and spawned from another.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        fn assert_send<T: Send + 'static>() {}
+        assert_send_sync::<HeartbeatHandle>();
+        assert_send::<Heartbeat>();
+        assert_send::<HeartbeatBuilder>();
+    }
+
     #[test]
     fn proc_files_parse() {
         let stat = "4242 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 1 0";
