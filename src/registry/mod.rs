@@ -4,7 +4,9 @@
 //! with its load figures, and deregisters when it drains; clients list the
 //! healthy (fresh) instances or watch the membership change, and feed it to a
 //! balancer through [`discover::Registry`](crate::discover) (feature
-//! `balance`). `MemoryRegistry` serves tests and a single process;
+//! `balance`); [`Heartbeat`] registers an instance, heartbeats with its
+//! layers' figures and deregisters when it drains. `MemoryRegistry` serves
+//! tests and a single process;
 //! `RedisRegistry` (feature `redis`) shares the set through a real Redis.
 
 use std::collections::BTreeMap;
@@ -162,6 +164,7 @@ mod unix_millis {
 }
 
 pub mod heartbeat;
+pub use self::heartbeat::{Heartbeat, HeartbeatBuilder, HeartbeatHandle};
 pub mod memory;
 
 #[cfg(feature = "redis")]
