@@ -41,15 +41,21 @@ pub struct InstanceInfo {
 }
 
 impl InstanceInfo {
-    /// An instance `id` of `service` at `addr`, started now, version
-    /// `"unknown"`, no metadata, no load figures yet.
+    /// An instance `id` of `service` at `addr`, started now (in whole
+    /// milliseconds, as it is serialized, so that it reads back equal),
+    /// version `"unknown"`, no metadata, no load figures yet.
     pub fn new(service: impl Into<String>, id: impl Into<String>, addr: SocketAddr) -> Self {
+        let now = SystemTime::now();
+        let started_at = match now.duration_since(std::time::UNIX_EPOCH) {
+            Ok(since) => now - Duration::from_nanos(u64::from(since.subsec_nanos() % 1_000_000)),
+            Err(_) => now,
+        };
         InstanceInfo {
             id: id.into(),
             service: service.into(),
             addr,
             version: "unknown".to_owned(),
-            started_at: SystemTime::now(),
+            started_at,
             metadata: BTreeMap::new(),
             load: LoadFigures::default(),
         }

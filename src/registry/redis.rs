@@ -1,1 +1,0 @@
-//! The Redis-backed registry (feature `redis`).
