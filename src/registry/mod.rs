@@ -5,9 +5,9 @@
 //! healthy (fresh) instances or watch the membership change, and feed it to a
 //! balancer through [`discover::Registry`](crate::discover) (feature
 //! `balance`); [`Heartbeat`] registers an instance, heartbeats with its
-//! layers' figures and deregisters when it drains. `MemoryRegistry` serves
-//! tests and a single process;
-//! `RedisRegistry` (feature `redis`) shares the set through a real Redis.
+//! layers' figures and deregisters when it drains. [`MemoryRegistry`] serves
+//! tests and a single process; `RedisRegistry` (feature `redis`) shares the
+//! set through a real Redis.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -116,7 +116,8 @@ impl fmt::Display for RegistryError {
 impl std::error::Error for RegistryError {}
 
 /// A boxed future, for the registry's methods.
-pub type RegistryFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
+pub type RegistryFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
 
 /// A stream of membership changes: it never ends while the registry lives,
 /// and a change lost by the store (a dropped notification, a reconnect) is
@@ -172,7 +173,11 @@ mod unix_millis {
 pub mod heartbeat;
 pub use self::heartbeat::{Heartbeat, HeartbeatBuilder, HeartbeatHandle};
 pub mod memory;
+pub use self::memory::MemoryRegistry;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisRegistry, RedisRegistryBuilder};
