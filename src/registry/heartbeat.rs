@@ -646,6 +646,13 @@ impl HeartbeatHandle {
         let _ = (&mut self.task).await;
     }
 
+    /// Ends the heartbeat at once without deregistering, as if the process
+    /// had died: the entry stays until its TTL passes. For tests and for
+    /// handing an instance's entry over to another process.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
     /// Whether the task has ended (after a drain or a stop).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
