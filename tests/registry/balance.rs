@@ -83,7 +83,6 @@ async fn serve(listener: TcpListener, app: Router, stop: tower_scale::drain::Sig
 struct Instance {
     addr: SocketAddr,
     drain: Drain,
-    served: Arc<AtomicUsize>,
     server: JoinHandle<()>,
     heartbeat: Option<HeartbeatHandle>,
 }
@@ -95,16 +94,8 @@ impl Instance {
         let drain = Drain::builder()
             .readiness_delay(Duration::from_millis(300))
             .build();
-        let served = Arc::new(AtomicUsize::new(0));
-        let counter = served.clone();
         let app = Router::new()
-            .route(
-                "/",
-                get(move || {
-                    counter.fetch_add(1, SeqCst);
-                    async move { format!("{index}") }
-                }),
-            )
+            .route("/", get(move || async move { format!("{index}") }))
             .layer(
                 ServiceBuilder::new()
                     .layer(ErrorResponseLayer::new())
@@ -123,7 +114,6 @@ impl Instance {
         Instance {
             addr,
             drain,
-            served,
             server,
             heartbeat: Some(heartbeat),
         }
