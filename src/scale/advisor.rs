@@ -231,6 +231,8 @@ struct Config {
 struct State {
     /// Proposals (after min/max) of the longer of the two windows.
     history: VecDeque<(Instant, u32)>,
+    /// Whether the history was started with the first replicas seen.
+    seeded: bool,
     last_desired: Option<u32>,
     last_change: Option<Instant>,
 }
@@ -438,7 +440,7 @@ impl Config {
         // 2. Stabilisation, as the HPA does it: the lowest proposal of the
         // scale-up window bounds a rise, the highest of the scale-down window
         // bounds a fall. The history starts with the replicas first seen.
-        if state.history.is_empty() && state.last_desired.is_none() {
+        if !std::mem::replace(&mut state.seeded, true) {
             state.history.push_back((now, current));
         }
         let keep = self.scale_up_window.max(self.scale_down_window);

@@ -612,6 +612,15 @@ async fn a_fresh_advisor_does_not_scale_down_at_its_first_reading() {
         (advice.desired, advice.proposed, advice.reason),
         (10, 5, Reason::ScaleDownStabilisation)
     );
+
+    // Nor at its first reading with figures, after rounds without any.
+    let advisor = self::advisor(|b| b.utilisation(0.7));
+    assert_eq!(
+        advisor.observe(Observation::new(10)).reason,
+        Reason::NoMetrics
+    );
+    sleep(Duration::from_secs(15)).await;
+    assert_eq!(advisor.observe(util(10, 0.35)).desired, 10);
 }
 
 #[tokio::test(start_paused = true)]
