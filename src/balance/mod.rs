@@ -23,6 +23,14 @@
 //! balancer; `ReadyTimeout` sits inside the `Buffer`, whose worker is what
 //! waits for the balancer.
 //!
+//! If a task that holds the client (`Buffer` over a balancer) will not
+//! `tokio::spawn` ("higher-ranked lifetime error", "implementation of `Send`
+//! is not general enough"), build the client in a function that returns
+//! `impl Service<Req, Response = .., Error = BoxError, Future: Send> + Clone +
+//! Send + 'static`: naming the whole type inside the spawned future trips a
+//! rustc limitation with higher-ranked lifetimes; an opaque type does not
+//! (the tests and examples do this).
+//!
 //! # Example
 //!
 //! ```

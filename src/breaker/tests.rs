@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_test::{assert_pending, assert_ready_ok};
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
 
 use super::*;
@@ -592,6 +592,8 @@ mod http {
     use ::http::{HeaderMap, Request, Response, StatusCode};
     use bytes::Bytes;
     use http_body_util::BodyExt;
+
+    use tower::service_fn;
 
     use super::*;
 
