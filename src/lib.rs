@@ -15,8 +15,10 @@
 //! | [`drain`] | [`DrainLayer`](drain::DrainLayer) from a [`Drain`](drain::Drain) | graceful shutdown: readiness down, then refusals, then wait for every call in flight, within a deadline |
 //! | `http` | `ErrorResponseLayer`, `SafeRetry` | turns every rejection into an HTTP response; retries on the client what was refused before any work (feature `http`) |
 //! | `health` | `HealthChecks` | application checks in the background; health, readiness (follows the drain) and liveness services (feature `health`) |
-//! | `discover` | `Static`, `Dns` | discovery sources for `tower::balance` that never fail and never end (features `balance`, `dns`) |
+//! | `discover` | `Static`, `Dns`, `Registry` | discovery sources for `tower::balance` that never fail and never end (features `balance`, `dns`, `registry`) |
 //! | `balance` | `Balancer`, `ConsistentHash`, `HttpEndpoint`, `ReadyTimeoutLayer` | weighted P2C and other policies, a failure-aware load, health checks, ejection, slow start (feature `balance`) |
+//! | `registry` | `RedisRegistry`, `MemoryRegistry`, `Heartbeat` | instances register with a TTL and heartbeat their load; watch the membership (features `registry`, `redis`) |
+//! | `scale` | `LatencyLayer`, `ScaleMetrics`, `ScaleAdvisor`, `CapacityPlan` | latency percentiles over a sliding window, per-instance and cluster scale figures, an HPA-style replica advisor (feature `registry`) |
 //!
 //! # Example
 //!
