@@ -3,7 +3,10 @@
 //! [`RedisRegistry`] shares the instances of every service through a real
 //! Redis, so instances on several machines find each other. It is built from
 //! a URL as the `redis` crate reads it (`redis://[user][:password@]host[:port][/db]`,
-//! `rediss://` for TLS where the `redis` crate is built with TLS support) and
+//! and `rediss://` for TLS with feature `redis-tls`, which turns on the
+//! `redis` crate's rustls support; as with the `redis` crate, install a rustls
+//! `CryptoProvider` at start-up, e.g.
+//! `rustls::crypto::ring::default_provider().install_default()`) and
 //! connects lazily, on the first operation, through the `redis` crate's
 //! `ConnectionManager`, which reconnects with backoff.
 //!
