@@ -246,6 +246,7 @@ impl Heartbeat {
         let (service, id) = (service.as_str(), id.as_str());
         let mut registered = false;
         let mut failures = 0u64;
+        let mut beats = 0u64;
         let mut next = Instant::now();
         let why = loop {
             if let Some(why) = stop.or_sleep_until(next).await {
@@ -272,6 +273,27 @@ impl Heartbeat {
                         tracing::info!(name, service, id, failures, "heartbeats recovered");
                     }
                     failures = 0;
+                    // Now and then, prune the index of entries whose TTL has
+                    // passed (instances that died without deregistering), so
+                    // reads do not grow with churn.
+                    beats += 1;
+                    if beats.is_multiple_of(STALE_SWEEP_EVERY) {
+                        let sweep = self.registry.remove_stale(service);
+                        match tokio::time::timeout(self.interval, sweep).await {
+                            Ok(Ok(removed)) if removed > 0 => {
+                                tracing::debug!(
+                                    name,
+                                    service,
+                                    removed,
+                                    "stale registry entries removed"
+                                );
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(name, service, %error, "stale-entry sweep failed");
+                            }
+                            _ => {}
+                        }
+                    }
                 }
                 Err(error) => {
                     failures += 1;
@@ -300,6 +322,11 @@ impl Heartbeat {
         }
     }
 }
+
+/// Every this many successful heartbeats, the instance sweeps its service's
+/// stale entries (each instance does, so a sweep runs about every
+/// `interval × 20 / instances`).
+const STALE_SWEEP_EVERY: u64 = 20;
 
 /// `tower_scale_registry_errors_total{name, op}`, registered once at spawn.
 struct Metrics {

@@ -395,7 +395,17 @@ impl Config {
 
         // 1. What the metrics ask for: the highest proposal over the targets.
         let unclamped = if current == 0 {
+            // A registry read that finds nobody: a Redis that restarted empty,
+            // a partition, or a service scaled to zero. Hold the last
+            // recommendation (never swing to the minimum on one read, and a
+            // service at zero stays there); a fresh advisor asks for the
+            // minimum, at least one.
             recommendation.reason = Reason::NoInstances;
+            if let Some(last) = state.last_desired {
+                recommendation.proposed = last;
+                recommendation.desired = last;
+                return recommendation;
+            }
             self.min_replicas.max(1)
         } else {
             let mut best: Option<u32> = None;
@@ -463,7 +473,13 @@ impl Config {
             }
         }
         state.history.push_back((now, proposed));
-        let stabilised = current.clamp(up_bound, down_bound);
+        // The HPA clamps the current replica count; here "current" is the
+        // instances the registry shows, which can lag behind (instances
+        // still starting, a partial read after a Redis restart), so the last
+        // recommendation is the base: a dip in the visible count cannot skip
+        // the scale-down window.
+        let base = state.last_desired.unwrap_or(current);
+        let stabilised = base.clamp(up_bound, down_bound);
         if stabilised < proposed {
             recommendation.reason = Reason::ScaleUpStabilisation;
         } else if stabilised > proposed {
@@ -539,7 +555,8 @@ impl ScaleAdvisorBuilder {
     }
 
     /// The fewest replicas to recommend (default 1; 0 is allowed, for an
-    /// autoscaler that scales to zero).
+    /// autoscaler that scales to zero: once at zero, a read that finds no
+    /// instance keeps the recommendation there).
     pub fn min_replicas(mut self, min: u32) -> Self {
         self.config.min_replicas = min;
         self

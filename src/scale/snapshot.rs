@@ -250,7 +250,8 @@ pub struct Aggregate {
     pub queue_depth_total: u64,
     /// Requests waiting per instance.
     pub queue_depth_per_instance: Option<f64>,
-    /// The mean of the instances' p95 latencies, in milliseconds.
+    /// The mean of the instances' p95 latencies, in milliseconds, over those
+    /// that report one (an instance without a latency source reports 0).
     pub p95_latency_ms_mean: Option<f64>,
     /// The highest p95 latency of one instance, in milliseconds.
     pub p95_latency_ms_max: Option<f64>,
@@ -269,8 +270,15 @@ impl Aggregate {
         let loads = || instances.iter().map(|i| &i.load);
 
         let with_limit: Vec<&LoadFigures> = loads().filter(|l| l.limit > 0).collect();
-        let in_flight_total: u64 = loads().map(|l| l.in_flight).sum();
-        let queue_depth_total: u64 = loads().map(|l| l.queue_depth).sum();
+        // Figures come from other processes: saturate rather than overflow.
+        let total = |values: &mut dyn Iterator<Item = u64>| values.fold(0u64, u64::saturating_add);
+        let in_flight_total = total(&mut loads().map(|l| l.in_flight));
+        let queue_depth_total = total(&mut loads().map(|l| l.queue_depth));
+        // An instance without a latency source reports 0: leave it out.
+        let p95s: Vec<f64> = loads()
+            .map(|l| l.p95_latency_ms)
+            .filter(|&p| p > 0.0)
+            .collect();
         let cpus: Vec<f64> = loads().filter_map(|l| l.cpu).collect();
         let memory: Vec<u64> = loads().filter_map(|l| l.memory_bytes).collect();
 
@@ -279,7 +287,7 @@ impl Aggregate {
             instances: u32::try_from(n).unwrap_or(u32::MAX),
             in_flight_total,
             in_flight_mean: mean(in_flight_total as f64, n),
-            capacity: with_limit.iter().map(|l| l.limit).sum(),
+            capacity: total(&mut with_limit.iter().map(|l| l.limit)),
             instances_with_limit: u32::try_from(with_limit.len()).unwrap_or(u32::MAX),
             utilisation_mean: mean(
                 with_limit.iter().map(|l| l.utilisation).sum(),
@@ -288,10 +296,10 @@ impl Aggregate {
             utilisation_max: max(&mut with_limit.iter().map(|l| l.utilisation)),
             queue_depth_total,
             queue_depth_per_instance: mean(queue_depth_total as f64, n),
-            p95_latency_ms_mean: mean(loads().map(|l| l.p95_latency_ms).sum(), n),
+            p95_latency_ms_mean: mean(p95s.iter().sum(), p95s.len()),
             p95_latency_ms_max: max(&mut loads().map(|l| l.p95_latency_ms)),
             cpu_mean: mean(cpus.iter().sum(), cpus.len()),
-            memory_bytes_total: (!memory.is_empty()).then(|| memory.iter().sum()),
+            memory_bytes_total: (!memory.is_empty()).then(|| total(&mut memory.iter().copied())),
         }
     }
 }

@@ -601,6 +601,38 @@ async fn with_no_instance_it_asks_for_the_minimum_and_at_least_one() {
     assert_eq!(to_zero.observe(util(1, 0.0)).desired, 0);
 }
 
+/// A registry read that finds nobody (a Redis restarted empty) or only some
+/// of the instances (they have not heartbeated again yet) does not drop the
+/// recommendation: the scale-down window still holds it.
+#[tokio::test(start_paused = true)]
+async fn empty_and_partial_reads_do_not_skip_the_scale_down_window() {
+    let advisor = advisor(|b| b.utilisation(0.7).max_replicas(20));
+    assert_eq!(advisor.observe(util(5, 1.4)).desired, 10);
+    tokio::time::advance(Duration::from_secs(15)).await;
+    let empty = advisor.observe(Observation::new(0));
+    assert_eq!((empty.desired, empty.reason), (10, Reason::NoInstances));
+    tokio::time::advance(Duration::from_secs(15)).await;
+    assert_eq!(
+        advisor.observe(util(3, 0.7)).desired,
+        10,
+        "3 of 10 seen: held"
+    );
+    // Once the window has passed with lower proposals, it comes down.
+    for _ in 0..25 {
+        tokio::time::advance(Duration::from_secs(15)).await;
+        advisor.observe(util(3, 0.7));
+    }
+    assert_eq!(advisor.observe(util(3, 0.7)).desired, 3);
+    // At zero replicas (min 0), an empty read keeps it at zero.
+    let to_zero = bare(|b| b.utilisation(0.5).min_replicas(0));
+    assert_eq!(to_zero.observe(util(1, 0.0)).desired, 0);
+    assert_eq!(
+        to_zero.observe(Observation::new(0)).desired,
+        0,
+        "no flapping 0 -> 1 -> 0"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The advisor: stabilisation and cooldowns.
 

@@ -58,7 +58,9 @@
 //! deletes the key, removes the id from the index and publishes `down`.
 //! `healthy` reads the index and the keys and leaves out the ids whose key
 //! has expired; [`remove_stale`](InstanceRegistry::remove_stale) removes them
-//! from the index. `%` and `:` in the namespace and the service name are
+//! from the index (every [`Heartbeat`](crate::registry::Heartbeat) calls it
+//! every 20 heartbeats; call it yourself if your instances register another
+//! way). `%` and `:` in the namespace and the service name are
 //! percent-encoded, so no two (namespace, service) pairs share a key.
 //! Non-finite load figures (NaN) are stored as 0 (`cpu` as `None`): JSON has
 //! no NaN.
