@@ -27,7 +27,6 @@ use axum::Router;
 use bytes::Bytes;
 use http_body_util::Empty;
 use tokio::net::TcpListener;
-use tower::buffer::Buffer;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_scale::balance::load::Pending;
 use tower_scale::balance::policy::WeightedP2c;
@@ -94,7 +93,7 @@ async fn main() -> Result<(), BoxError> {
     let discover = Registry::named("cluster", registry.clone(), SERVICE, move |e: &Endpoint| {
         Pending::new(endpoints.make(e))
     });
-    let client = shared(Balancer::new(discover, WeightedP2c::new()));
+    let client = tower_scale::balance::buffered(Balancer::new(discover, WeightedP2c::new()), 1024);
 
     let advisor = ScaleAdvisor::builder()
         .utilisation(0.6)
@@ -277,28 +276,4 @@ impl Drop for LocalRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The balancer behind a `Buffer`, as an opaque `Clone` service for the worker
-/// tasks. (Naming the concrete type inside `tokio::spawn` trips a rustc
-/// limitation with higher-ranked lifetimes in `Send` checks; an opaque type
-/// avoids it.)
-fn shared<S>(
-    balancer: S,
-) -> impl tower::Service<
-    Request<Body>,
-    Response = axum::http::Response<hyper::body::Incoming>,
-    Error = BoxError,
-    Future: Send,
-> + Clone
-       + Send
-       + 'static
-where
-    S: tower::Service<Request<Body>, Response = axum::http::Response<hyper::body::Incoming>>
-        + Send
-        + 'static,
-    S::Error: Into<BoxError> + Send + Sync,
-    S::Future: Send,
-{
-    Buffer::new(balancer, 1024)
 }

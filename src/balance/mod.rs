@@ -23,13 +23,12 @@
 //! balancer; `ReadyTimeout` sits inside the `Buffer`, whose worker is what
 //! waits for the balancer.
 //!
-//! If a task that holds the client (`Buffer` over a balancer) will not
-//! `tokio::spawn` ("higher-ranked lifetime error", "implementation of `Send`
-//! is not general enough"), build the client in a function that returns
-//! `impl Service<Req, Response = .., Error = BoxError, Future: Send> + Clone +
-//! Send + 'static`: naming the whole type inside the spawned future trips a
-//! rustc limitation with higher-ranked lifetimes; an opaque type does not
-//! (the tests and examples do this).
+//! Share a balancer between tasks with [`buffered`] rather than
+//! `tower::buffer::Buffer::new` directly: it is the same `Buffer`, returned as
+//! an opaque `impl Service + Clone + Send`. Naming the whole buffered type
+//! inside a spawned future trips a rustc limitation with higher-ranked
+//! lifetimes ("higher-ranked lifetime error", "implementation of `Send` is not
+//! general enough"); the opaque type does not.
 //!
 //! # Example
 //!
@@ -98,6 +97,25 @@ pub mod policy;
 pub mod slow_start;
 
 pub use self::policy::{Balancer, ConsistentHash, HashKey};
+
+/// `tower::buffer::Buffer::new(service, bound)`, as an opaque `Clone + Send`
+/// service whose future is `Send`: see the [module docs](self) for why.
+pub fn buffered<S, Req>(
+    service: S,
+    bound: usize,
+) -> impl tower::Service<Req, Response = S::Response, Error = crate::BoxError, Future: Send>
+       + Clone
+       + Send
+       + 'static
+where
+    S: tower::Service<Req> + Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Into<crate::BoxError> + Send + Sync,
+    S::Future: Send,
+    Req: Send + 'static,
+{
+    tower::buffer::Buffer::new(service, bound)
+}
 
 mod endpoint;
 pub use self::endpoint::{Connection, HttpEndpoint, HttpEndpointBuilder, HttpEndpointService};

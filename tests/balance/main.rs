@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use tower::balance::p2c::Balance;
-use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower_scale::balance::health::{HealthCheckConfig, HealthChecked, HttpProbe};
 use tower_scale::balance::load::{FailureAwareEwma, HttpFailures};
@@ -156,7 +155,7 @@ async fn a_slow_backend_gets_a_small_share_under_p2c() {
     let (discover, _handle) = Static::new(addrs.clone(), move |e: &Endpoint| {
         FailureAwareEwma::new(factory.make(e)).classify(HttpFailures::new())
     });
-    let ours = shared(Balancer::new(discover, WeightedP2c::new()));
+    let ours = tower_scale::balance::buffered(Balancer::new(discover, WeightedP2c::new()), 64);
     let (counts, failed) = run_workers(&ours, 6, 60).await;
     let share = counts[2] as f64 / counts.iter().sum::<usize>() as f64;
     println!(
@@ -174,7 +173,7 @@ async fn a_slow_backend_gets_a_small_share_under_p2c() {
         Duration::from_secs(2),
         CompleteOnResponse::default(),
     );
-    let theirs = shared(Balance::new(discover));
+    let theirs = tower_scale::balance::buffered(Balance::new(discover), 64);
     let (counts, _) = run_workers(&theirs, 6, 60).await;
     println!("tower P2C + PeakEwma: per backend {counts:?}");
 }
@@ -209,7 +208,7 @@ async fn a_fast_failing_backend_gets_few_calls_under_our_load_and_many_under_pea
     let (discover, _handle) = Static::new(addrs.clone(), move |e: &Endpoint| {
         FailureAwareEwma::new(factory.make(e)).classify(HttpFailures::new())
     });
-    let ours = shared(Balancer::new(discover, WeightedP2c::new()));
+    let ours = tower_scale::balance::buffered(Balancer::new(discover, WeightedP2c::new()), 64);
     let (counts, failed) = run_workers(&ours, 6, 60).await;
     let ours_share = failed as f64 / (counts.iter().sum::<usize>() + failed) as f64;
 
@@ -221,7 +220,7 @@ async fn a_fast_failing_backend_gets_few_calls_under_our_load_and_many_under_pea
         Duration::from_secs(10),
         CompleteOnResponse::default(),
     );
-    let theirs = shared(Balance::new(discover));
+    let theirs = tower_scale::balance::buffered(Balance::new(discover), 64);
     let (their_counts, their_failed) = run_workers(&theirs, 6, 60).await;
     let their_share =
         their_failed as f64 / (their_counts.iter().sum::<usize>() + their_failed) as f64;
@@ -365,29 +364,4 @@ async fn a_killed_backend_leaves_rotation_through_health_checks() {
     println!("restarted: {counts:?}");
     assert_eq!(failed, 0);
     assert!(counts[1] >= 90, "{counts:?}");
-}
-
-/// The balancer behind a `Buffer`, as an opaque `Clone` service for several
-/// tasks. (Naming the concrete type in a spawned task trips rustc's
-/// higher-ranked `Send` check on the balancer's `fn`-pointer future.)
-fn shared<S>(
-    balance: S,
-) -> impl tower::Service<
-    axum::http::Request<Body>,
-    Response = axum::http::Response<hyper::body::Incoming>,
-    Error = tower::BoxError,
-    Future: Send,
-> + Clone
-       + Send
-       + 'static
-where
-    S: tower::Service<
-            axum::http::Request<Body>,
-            Response = axum::http::Response<hyper::body::Incoming>,
-        > + Send
-        + 'static,
-    S::Error: Into<tower::BoxError> + Send + Sync,
-    S::Future: Send,
-{
-    Buffer::new(balance, 64)
 }

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tower::buffer::Buffer;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_scale::balance::policy::RoundRobin;
 use tower_scale::balance::{Balancer, HttpEndpoint};
@@ -146,7 +145,23 @@ async fn balancing_follows_registry_drains_and_expiries() {
     let discover = Registry::named("test", registry(&redis), SERVICE, move |e: &Endpoint| {
         factory.make(e)
     });
-    let client = client(Balancer::new(discover, RoundRobin::new()));
+    let client = ServiceBuilder::new()
+        .layer(
+            SafeRetry::builder()
+                .max_retries(10)
+                .budget(tower::retry::budget::TpsBudget::new(
+                    Duration::from_secs(10),
+                    1_000,
+                    10.0,
+                ))
+                .build()
+                .unwrap()
+                .into_layer(),
+        )
+        .service(tower_scale::balance::buffered(
+            Balancer::new(discover, RoundRobin::new()),
+            64,
+        ));
 
     // Continuous load from four tasks; every answer is counted per instance.
     let stop = Arc::new(AtomicBool::new(false));
@@ -279,40 +294,4 @@ async fn balancing_follows_registry_drains_and_expiries() {
     );
     assert!(failures.is_empty(), "{failures:?}");
     drop(instances);
-}
-
-/// `SafeRetry → Buffer → balancer`, as an opaque `Clone` service. (Naming the
-/// concrete type in a spawned task trips rustc's higher-ranked `Send` check
-/// on the balancer's future.)
-fn client<S>(
-    balancer: S,
-) -> impl tower::Service<
-    Request<Body>,
-    Response = axum::http::Response<hyper::body::Incoming>,
-    Error = tower::BoxError,
-    Future: Send,
-> + Clone
-       + Send
-       + 'static
-where
-    S: tower::Service<Request<Body>, Response = axum::http::Response<hyper::body::Incoming>>
-        + Send
-        + 'static,
-    S::Error: Into<tower::BoxError> + Send + Sync,
-    S::Future: Send,
-{
-    ServiceBuilder::new()
-        .layer(
-            SafeRetry::builder()
-                .max_retries(10)
-                .budget(tower::retry::budget::TpsBudget::new(
-                    Duration::from_secs(10),
-                    1_000,
-                    10.0,
-                ))
-                .build()
-                .unwrap()
-                .into_layer(),
-        )
-        .service(Buffer::new(balancer, 64))
 }
