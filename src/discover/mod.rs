@@ -150,6 +150,39 @@ impl<S: Load> Load for Weighted<S> {
     }
 }
 
+/// The metrics of the DNS and registry sources, with a `name` label:
+/// `tower_scale_discovery_updates_total{change}`,
+/// `tower_scale_discovery_errors_total` and `tower_scale_discovery_endpoints`.
+#[cfg(any(feature = "dns", feature = "registry"))]
+pub(crate) struct SourceMetrics {
+    pub(crate) name: Arc<str>,
+    pub(crate) inserted: metrics::Counter,
+    pub(crate) removed: metrics::Counter,
+    pub(crate) errors: metrics::Counter,
+    pub(crate) endpoints: metrics::Gauge,
+}
+
+#[cfg(any(feature = "dns", feature = "registry"))]
+impl SourceMetrics {
+    pub(crate) fn new(name: &str) -> Self {
+        let updates = |change| {
+            crate::metrics_util::counter(
+                "tower_scale_discovery_updates_total",
+                name,
+                "change",
+                change,
+            )
+        };
+        SourceMetrics {
+            name: name.into(),
+            inserted: updates("insert"),
+            removed: updates("remove"),
+            errors: metrics::counter!("tower_scale_discovery_errors_total", "name" => name.to_owned()),
+            endpoints: crate::metrics_util::gauge("tower_scale_discovery_endpoints", name),
+        }
+    }
+}
+
 mod static_list;
 pub use self::static_list::{Static, StaticHandle};
 

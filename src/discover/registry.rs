@@ -129,12 +129,11 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use metrics::{Counter, Gauge};
 use tokio::time::{Instant, Sleep};
 use tower::discover::Change;
 
 use super::{Endpoint, Weighted, DEFAULT_WEIGHT};
-use crate::metrics_util::{self, DEFAULT_NAME};
+use crate::metrics_util::DEFAULT_NAME;
 use crate::registry::{
     InstanceInfo, InstanceRegistry, LoadFigures, Membership, MembershipStream, RegistryError,
 };
@@ -165,7 +164,7 @@ pub struct Registry<F, S> {
     endpoints: BTreeMap<SocketAddr, Slot>,
     /// Watches that ended without a change, and failed resyncs, in a row.
     failures: u32,
-    metrics: Metrics,
+    metrics: crate::discover::SourceMetrics,
 }
 
 /// One endpoint: its shared weight and how many instances are at its address.
@@ -190,34 +189,6 @@ enum State {
     },
 }
 
-struct Metrics {
-    name: Arc<str>,
-    inserted: Counter,
-    removed: Counter,
-    errors: Counter,
-    endpoints: Gauge,
-}
-
-impl Metrics {
-    fn new(name: &str) -> Self {
-        let updates = |change| {
-            metrics_util::counter(
-                "tower_scale_discovery_updates_total",
-                name,
-                "change",
-                change,
-            )
-        };
-        Metrics {
-            name: name.into(),
-            inserted: updates("insert"),
-            removed: updates("remove"),
-            errors: metrics::counter!("tower_scale_discovery_errors_total", "name" => name.to_owned()),
-            endpoints: metrics_util::gauge("tower_scale_discovery_endpoints", name),
-        }
-    }
-}
-
 /// The weight of an instance: its limit when reported, else the default.
 fn weight_of(load: &LoadFigures) -> u32 {
     if load.limit > 0 {
@@ -240,7 +211,7 @@ where
     /// Like [`new`](Self::new), with the `name` label of the source's metrics
     /// (see the [module docs](self#metrics)).
     pub fn named(name: &str, registry: Arc<dyn InstanceRegistry>, service: &str, make: F) -> Self {
-        let metrics = Metrics::new(name);
+        let metrics = super::SourceMetrics::new(name);
         metrics.endpoints.set(0.0);
         Registry {
             registry,

@@ -406,7 +406,7 @@ fn is_idempotent(method: &http::Method) -> bool {
 
 /// The wait a `Retry-After` header asks for: delay-seconds, or an HTTP date
 /// (a date in the past asks for no wait); garbage counts as absent.
-fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
+pub(crate) fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
     let value = response
         .headers()
         .get(header::RETRY_AFTER)?

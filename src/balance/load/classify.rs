@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use http::{header, Response, StatusCode};
+use http::{Response, StatusCode};
 
 use crate::breaker::ErrorsAreFailures;
 
@@ -112,7 +112,7 @@ impl<B, E> ClassifyLoad<Response<B>, E> for HttpFailures {
             status,
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
         ) {
-            if let Some(after) = retry_after(response) {
+            if let Some(after) = crate::http::retry_after(response) {
                 return LoadOutcome::Unavailable(after);
             }
         }
@@ -122,23 +122,4 @@ impl<B, E> ClassifyLoad<Response<B>, E> for HttpFailures {
             LoadOutcome::Success
         }
     }
-}
-
-/// The wait a `Retry-After` header asks for: delay-seconds, or an HTTP date
-/// (a date in the past asks for no wait); garbage counts as absent.
-fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
-    let value = response
-        .headers()
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(
-        date.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }

@@ -139,13 +139,11 @@ use std::time::Duration;
 
 use futures_core::future::BoxFuture;
 use futures_core::Stream;
-use metrics::{Counter, Gauge};
 use tokio::time::{Instant, Sleep};
 use tower::discover::Change;
 
 use self::resolve::{Answer, Failure};
 use super::{Endpoint, Weighted};
-use crate::metrics_util;
 
 /// Starts one resolution.
 type Resolve = Arc<dyn Fn() -> BoxFuture<'static, Result<Answer, Failure>> + Send + Sync>;
@@ -188,7 +186,7 @@ pub struct Dns<F, S> {
     current: BTreeMap<SocketAddr, Arc<AtomicU32>>,
     /// Failures since the last good answer.
     failures: u64,
-    metrics: Metrics,
+    metrics: crate::discover::SourceMetrics,
 }
 
 enum State {
@@ -202,40 +200,12 @@ enum State {
     Resolving(Mutex<BoxFuture<'static, Result<Answer, Failure>>>),
 }
 
-struct Metrics {
-    name: Arc<str>,
-    inserted: Counter,
-    removed: Counter,
-    errors: Counter,
-    endpoints: Gauge,
-}
-
-impl Metrics {
-    fn new(name: &str) -> Self {
-        let updates = |change| {
-            metrics_util::counter(
-                "tower_scale_discovery_updates_total",
-                name,
-                "change",
-                change,
-            )
-        };
-        Metrics {
-            name: name.into(),
-            inserted: updates("insert"),
-            removed: updates("remove"),
-            errors: metrics::counter!("tower_scale_discovery_errors_total", "name" => name.to_owned()),
-            endpoints: metrics_util::gauge("tower_scale_discovery_endpoints", name),
-        }
-    }
-}
-
 impl<F, S> Dns<F, S>
 where
     F: FnMut(&Endpoint) -> S,
 {
     fn with_resolve(resolve: Resolve, timing: Timing, host: &str, name: &str, make: F) -> Self {
-        let metrics = Metrics::new(name);
+        let metrics = crate::discover::SourceMetrics::new(name);
         metrics.endpoints.set(0.0);
         Dns {
             make,
