@@ -79,6 +79,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 pub use self::body::{GuardBody, ResponseBody};
+#[cfg(feature = "balance")]
 pub(crate) use self::retry::retry_after;
 pub use self::retry::{RetrySafe, SafeRetry, SafeRetryBuilder};
 
