@@ -162,6 +162,18 @@ pub(crate) struct SourceMetrics {
     pub(crate) endpoints: metrics::Gauge,
 }
 
+/// Sets `sleep` to fire at `deadline`, reusing the timer when there is one.
+#[cfg(any(feature = "dns", feature = "registry"))]
+pub(crate) fn rearm(
+    sleep: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+) {
+    match sleep {
+        Some(sleep) => sleep.as_mut().reset(deadline),
+        None => *sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+    }
+}
+
 #[cfg(any(feature = "dns", feature = "registry"))]
 impl SourceMetrics {
     pub(crate) fn new(name: &str) -> Self {

@@ -377,11 +377,7 @@ where
         let delay = REWATCH_MIN
             .saturating_mul(1 << (self.failures - 1).min(16))
             .min(REWATCH_MAX);
-        let deadline = Instant::now() + delay;
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
+        super::rearm(&mut self.sleep, Instant::now() + delay);
         self.state = State::Waiting;
     }
 }
@@ -402,8 +398,6 @@ where
             if let Some(change) = this.changes.pop_front() {
                 return Poll::Ready(Some(Ok(change)));
             }
-            let (name, service) = (this.metrics.name.clone(), this.service.clone());
-            let (name, service) = (&*name, &*service);
             match &mut this.state {
                 State::Start => this.state = State::Watching(this.watch()),
                 State::Watching(watch) => {
@@ -415,8 +409,8 @@ where
                         }
                         None => {
                             tracing::warn!(
-                                name,
-                                service,
+                                name = &*this.metrics.name,
+                                service = &*this.service,
                                 endpoints = this.endpoints.len(),
                                 "registry watch ended; keeping the endpoints and watching again"
                             );
@@ -438,8 +432,8 @@ where
                     match this.resync(result) {
                         Ok(()) => {
                             tracing::info!(
-                                name,
-                                service,
+                                name = &*this.metrics.name,
+                                service = &*this.service,
                                 endpoints = this.endpoints.len(),
                                 "watching the registry again"
                             );
@@ -452,9 +446,9 @@ where
                         }
                         Err(error) => {
                             if this.failures <= 1 {
-                                tracing::warn!(name, service, %error, endpoints = this.endpoints.len(), "registry resync failed; keeping the endpoints");
+                                tracing::warn!(name = &*this.metrics.name, service = &*this.service, %error, endpoints = this.endpoints.len(), "registry resync failed; keeping the endpoints");
                             } else {
-                                tracing::debug!(name, service, %error, failures = this.failures, "registry resync failed again");
+                                tracing::debug!(name = &*this.metrics.name, service = &*this.service, %error, failures = this.failures, "registry resync failed again");
                             }
                             this.wait();
                         }

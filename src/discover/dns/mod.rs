@@ -313,11 +313,7 @@ where
     }
 
     fn wait(&mut self, delay: Duration) {
-        let deadline = Instant::now() + delay;
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
+        crate::discover::rearm(&mut self.sleep, Instant::now() + delay);
         self.state = State::Waiting;
     }
 }
